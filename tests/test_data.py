@@ -1,0 +1,122 @@
+"""data.py: official row formats load into Tasks; bad rows name file, row and field; synthetic tasks are deterministic and
+their recorded solution code really produces the answer (and the tool-requiring ones really need full resolution)."""
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+
+
+def run_solution(task: data.Task) -> str:
+    scope = {"np": np, "Image": Image, "image_clue_0": Image.open(task.image_path).convert("RGB")}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(task.solution_code, scope)
+    return out.getvalue().strip().splitlines()[-1]
+
+
+def test_generator_same_seed_same_bytes(tmp_path):
+    a = subprocess.run([sys.executable, "data.py", "--kind", "image", "--n", "6", "--seed", "3", "--out", str(tmp_path / "a")],
+                       cwd=Path(data.__file__).parent, capture_output=True, text=True, timeout=120)
+    assert a.returncode == 0, a.stderr
+    data.generate_image_tasks(6, seed=3, out_dir=tmp_path / "b")
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 7
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    other = data.generate_image_tasks(6, seed=4, out_dir=None)
+    assert [t.question for t in other] != [t.question for t in data.load_tasks(tmp_path / "a" / "tasks.json")[0]]
+
+
+def test_solution_code_gives_the_answer(image_tasks_dir):
+    tasks, bad = data.load_tasks(image_tasks_dir / "tasks.json")
+    assert not bad and len(tasks) == 12
+    assert {t.family for t in tasks} == set(data.IMAGE_FAMILIES)
+    assert {t.ability for t in tasks} == {"multiple_choice", "numeric"}
+    for task in tasks:
+        assert run_solution(task) == task.answer, task.id
+
+
+def test_tool_tasks_lose_their_answer_when_downscaled(tiny_policy):
+    # The policy sees the image at the processor's resolution. Running each solution on that view (upsampled back) must
+    # fail often on every tool-requiring family and never on the tool-free ones.
+    _, processor = tiny_policy
+    solved: dict[str, list[bool]] = {}
+    needs_tool = {}
+    for task, image in data.iter_image_tasks(120, seed=1):
+        h, w = processor.geometry.resized_hw(image.height, image.width)
+        seen = image.resize((w, h), Image.BICUBIC).resize(image.size, Image.NEAREST)  # what survives the downscale
+        out = io.StringIO()
+        try:
+            with np.errstate(all="ignore"), contextlib.redirect_stdout(out):
+                exec(task.solution_code, {"np": np, "Image": Image, "image_clue_0": seen})
+            ok = out.getvalue().strip().splitlines()[-1] == task.answer
+        except Exception:  # e.g. no dot survives: the code finds nothing to measure
+            ok = False
+        solved.setdefault(task.family, []).append(ok)
+        needs_tool[task.family] = task.needs_tool
+    rates = {family: float(np.mean(v)) for family, v in solved.items()}
+    for family, rate in rates.items():
+        assert (rate < 0.9) if needs_tool[family] else (rate == 1.0), (family, rate)
+    assert np.mean([r for f, r in rates.items() if needs_tool[f]]) < 0.6, rates
+
+
+def _write(tmp_path, rows, name="rows.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_validation_and_rl_rows(tmp_path):
+    Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
+    (tmp_path / "v.mp4").write_bytes(b"\x00" * 10)
+    rows = [{"id": 1, "question": "q?", "answer": 3, "ability": "numeric", "data_source": "vstar", "image_path": "a.png"},
+            {"prompt": [{"role": "user", "content": "<image>\n..."}], "data_source": "vsi", "ability": "spatial",
+             "env_name": "pyvision_gym_wo_video_hint", "reward_model": {"ground_truth": "B", "style": "model"},
+             "extra_info": {"answer": "B", "index": 7, "question": "which?", "split": "train"},
+             "mm_hint": {"hint_path": str(tmp_path / "v.mp4"), "hint_type": "video"}}]
+    tasks, bad = data.load_tasks(_write(tmp_path, rows))
+    assert not bad
+    assert tasks[0].id == "1" and tasks[0].answer == "3" and tasks[0].image_path == str(tmp_path / "a.png")
+    assert tasks[1].id == "7" and tasks[1].answer == "B" and tasks[1].question == "which?"
+    assert tasks[1].media_kind == "video" and tasks[1].video_path == str(tmp_path / "v.mp4")
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"question": "q", "answer": "1", "ability": "a", "data_source": "s", "image_path": "a.png"}, "id"),
+    ({"id": 1, "question": "q", "ability": "a", "data_source": "s", "image_path": "a.png"}, "answer"),
+    ({"id": 1, "question": "q", "answer": "1", "ability": "a", "data_source": "s"}, "image_path|video_path"),
+    ({"id": 1, "question": "q", "answer": "1", "ability": "a", "data_source": "s", "image_path": "a.png",
+      "video_path": "v.mp4"}, "image_path|video_path"),
+    ({"id": 1, "question": "q", "answer": "1", "ability": "a", "data_source": "s", "image_path": "missing.png"}, "image_path"),
+    ({"id": 1, "question": "q", "answer": "1", "ability": "a", "data_source": "s", "image_path": "bad.png"}, "image_path"),
+    ({"id": 1, "question": ["q"], "answer": "1", "ability": "a", "data_source": "s", "image_path": "a.png"}, "question"),
+    ({"id": 1, "question": "q", "answer": {"x": 1}, "ability": "a", "data_source": "s", "image_path": "a.png"}, "answer"),
+])
+def test_bad_rows_name_file_row_and_field(tmp_path, row, field):
+    Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    good = {"id": 0, "question": "q", "answer": "1", "ability": "a", "data_source": "s", "image_path": "a.png"}
+    path = _write(tmp_path, [good, row])
+    with pytest.raises(data.DataError) as err:
+        data.load_tasks(path)
+    assert (err.value.row, err.value.field) == (1, field)
+    assert str(path) in str(err.value) and "row 1" in str(err.value)
+    tasks, bad = data.load_tasks(path, on_error="skip")
+    assert [t.id for t in tasks] == ["0"] and [(b.row, b.field) for b in bad] == [(1, field)]
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("[{")
+    with pytest.raises(data.DataError, match="broken.json.*invalid JSON"):
+        data.load_tasks(path)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        data.load_tasks(tmp_path / "nope.json")
