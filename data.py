@@ -21,8 +21,20 @@ Synthetic image tasks
     competent agent would write, whose last printed line is the answer. The scripted expert (rollout.py) runs it in the
     sandbox and answers with what it printed, so correctness comes from the tool, not from peeking at the label.
 
+Synthetic video tasks
+    PyVision-Video keeps the video out of the context: the prompt has only `video_context.video_info(path)`, the sandbox
+    holds the video as `video_clue_0` (method.md §2.1, §3). Each family's answer depends on a few specific moments: the
+    colour of a ball at a given time, when a square first appears, how often a ball crosses a line, which of two squares
+    moves first. 160x120, 8 fps, 10-30 s, H.264 mp4 written with PyAV (same seed, same bytes with the same PyAV build).
+    Colours are saturated and blobs large so they survive yuv420p compression; the solution code classifies colours by
+    the nearest reference or a wide tolerance, never by exact values. Every solution fetches only the frames it needs
+    (one frame, a binary search of ~10 frames, or one frame per second where events are at least 2 s apart), shows what
+    it looked at with `plt.imshow`/`plt.plot` + `plt.show()` in a figure about the size of the frames, and prints the
+    answer last.
+
 How to run
     python data.py --kind image --n 64 --seed 0 --out runs/data/image     # writes tasks.json + images/
+    python data.py --kind video --n 32 --seed 0 --out runs/data/video     # writes tasks.json + videos/
     python -c "import data; tasks, bad = data.load_tasks('tasks.json', on_error='skip')"
 
 Differences from the official code
@@ -37,13 +49,16 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 from PIL import Image
 
+from video_context import write_video
+
 VALIDATION_FIELDS = ("id", "question", "answer", "ability", "data_source")
 SYNTHETIC_IMAGE_SOURCE = "synthetic_image"
+SYNTHETIC_VIDEO_SOURCE = "synthetic_video"
 
 
 class DataError(ValueError):
@@ -346,14 +361,266 @@ def generate_image_tasks(n: int, seed: int, out_dir: str | Path | None) -> list[
     return tasks
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Synthetic video tasks
+# ---------------------------------------------------------------------------------------------------------------------
+
+VIDEO_WIDTH, VIDEO_HEIGHT, VIDEO_FPS = 160, 120, 8
+VIDEO_BACKGROUND = (40, 40, 40)
+VIDEO_GOP_FRAMES = 4 * VIDEO_FPS       # a keyframe every 4 s: a random access decodes at most ~32 frames
+LINE_X = VIDEO_WIDTH // 2              # the line of the crossing family
+# what a video family returns: (frame index -> (H, W, 3) uint8 frame, question, answer, ability, choices, solution code)
+VideoScene = tuple[Callable[[int], np.ndarray], str, str, str, list[str] | None, str]
+
+
+def _video_canvas() -> np.ndarray:
+    return np.full((VIDEO_HEIGHT, VIDEO_WIDTH, 3), VIDEO_BACKGROUND, np.uint8)  # (H, W, 3)
+
+
+def _draw_disc(frame: np.ndarray, cx: float, cy: float, radius: int, colour: tuple[int, int, int]) -> None:
+    yy, xx = np.ogrid[:VIDEO_HEIGHT, :VIDEO_WIDTH]
+    frame[(xx - cx) ** 2 + (yy - cy) ** 2 <= radius * radius] = colour
+
+
+def _draw_square(frame: np.ndarray, cx: float, cy: float, half: int, colour: tuple[int, int, int]) -> None:
+    x, y = int(round(cx)), int(round(cy))
+    frame[y - half:y + half, x - half:x + half] = colour
+
+
+def _wander(k: int, phase: float, period_frames: float, centre: float, amplitude: float) -> float:
+    """A smooth back-and-forth coordinate: what makes the synthetic clips videos rather than slide shows."""
+    return centre + amplitude * np.sin(2 * np.pi * k / period_frames + phase)
+
+
+def _nearest_colour_code(options: dict[str, tuple[int, int, int]]) -> str:
+    reference = ", ".join(f"'{letter}': {rgb}" for letter, rgb in options.items())
+    return (f"options = {{{reference}}}\n"
+            "print(min(options, key=lambda k: sum((a - b) ** 2 for a, b in zip(colour, options[k]))))")
+
+
+def _colour_at_time(rng: random.Random, num_frames: int) -> VideoScene:
+    """A ball drifts around and changes colour every 2-5 s; the question asks for its colour at one moment."""
+    names = list(PALETTE)
+    starts, colours = [0], [rng.choice(names)]      # frame where each colour segment starts, and its colour
+    while (nxt := starts[-1] + rng.randint(2 * VIDEO_FPS, 5 * VIDEO_FPS)) < num_frames:
+        starts.append(nxt)
+        colours.append(rng.choice([c for c in names if c != colours[-1]]))
+
+    def colour_of(k: int) -> str:
+        return colours[max(j for j, start in enumerate(starts) if start <= k)]
+
+    # ask on the half-second grid, at least 0.5 s from a colour change, preferring moments not coloured like frame 0
+    grid = [k for k in range(VIDEO_FPS, num_frames - VIDEO_FPS, VIDEO_FPS // 2)
+            if all(abs(k - start) >= VIDEO_FPS // 2 for start in starts[1:])]
+    telling = [k for k in grid if colour_of(k) != colours[0]]
+    asked = rng.choice(telling or grid)
+    phases = (rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi))
+    periods = (rng.uniform(40, 90), rng.uniform(30, 70))
+
+    def draw(k: int) -> np.ndarray:
+        frame = _video_canvas()
+        _draw_disc(frame, _wander(k, phases[0], periods[0], 80, 50), _wander(k, phases[1], periods[1], 60, 30), 14,
+                   PALETTE[colour_of(k)])
+        return frame
+
+    choices = names[:]
+    rng.shuffle(choices)
+    seconds = f"{asked / VIDEO_FPS:g}"
+    question = f"What colour is the ball at t = {seconds} s? Options: {_options_text(choices)}"
+    code = ("fps = video_clue_0.get_avg_fps()\n"
+            f"frame = video_clue_0[round({seconds} * fps)].asnumpy()\n"
+            "plt.figure(figsize=(1.6, 1.2))\n"
+            "plt.imshow(frame)\n"
+            "plt.axis('off')\n"
+            "plt.show()\n"
+            "colour = frame[frame.max(axis=2) - frame.min(axis=2) > 80].mean(axis=0)\n"
+            "print(colour.round())\n"
+            + _nearest_colour_code({LETTERS[j]: PALETTE[c] for j, c in enumerate(choices)}))
+    return draw, question, LETTERS[choices.index(colour_of(asked))], "multiple_choice", choices, code
+
+
+def _first_appearance(rng: random.Random, num_frames: int) -> VideoScene:
+    """A green square appears at some moment and stays; a red ball moves around the whole time."""
+    appears = rng.randrange(2 * VIDEO_FPS, num_frames - 2 * VIDEO_FPS + 1, VIDEO_FPS // 2)  # on the half-second grid
+    cx, cy = rng.randint(14, VIDEO_WIDTH - 14), rng.randint(14, VIDEO_HEIGHT - 14)
+    phases = (rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi))
+
+    def draw(k: int) -> np.ndarray:
+        frame = _video_canvas()
+        _draw_disc(frame, _wander(k, phases[0], 70, 80, 60), _wander(k, phases[1], 45, 60, 40), 10, PALETTE["red"])
+        if k >= appears:
+            _draw_square(frame, cx, cy, 10, PALETTE["green"])
+        return frame
+
+    question = ("A green square appears at some moment and stays until the end of the video. "
+                "At what time, in seconds, does it first appear? Answer with a number.")
+    code = ("fps = video_clue_0.get_avg_fps()\n"
+            "def visible(i):\n"
+            "    frame = video_clue_0[i].asnumpy().astype(int)\n"
+            f"    return (np.abs(frame - {PALETTE['green']}).sum(axis=2) < 120).sum() > 40\n"
+            "lo, hi = 0, len(video_clue_0) - 1\n"
+            "while lo < hi:\n"
+            "    mid = (lo + hi) // 2\n"
+            "    if visible(mid):\n"
+            "        hi = mid\n"
+            "    else:\n"
+            "        lo = mid + 1\n"
+            "plt.figure(figsize=(3.2, 1.2))\n"
+            "plt.imshow(np.hstack([video_clue_0[lo - 1].asnumpy(), video_clue_0[lo].asnumpy()]))\n"
+            "plt.axis('off')\n"
+            "plt.show()\n"
+            "print(f'{lo / fps:g}')")
+    return draw, question, f"{appears / VIDEO_FPS:g}", "numeric", None, code
+
+
+def _count_crossings(rng: random.Random, num_frames: int) -> VideoScene:
+    """A red ball rests on one side of a white line, then crosses it; crossings are at least 2 s apart."""
+    seconds = num_frames // VIDEO_FPS
+    # crossings happen half-way between whole seconds, so one-frame-per-second sampling never lands on the line
+    candidates = [m + 0.5 for m in range(seconds - 1)]
+    rng.shuffle(candidates)
+    wanted, crossings = rng.randint(1, 6), []
+    for c in candidates:
+        if len(crossings) < wanted and all(abs(c - other) >= 2 for other in crossings):
+            crossings.append(c)
+    crossings.sort()
+    first_side = rng.choice([-1, 1])
+    bob_phase = rng.uniform(0, 2 * np.pi)
+
+    def base_x(t: float) -> float:
+        """Rest at LINE_X +- 40; during the second around a crossing, move straight through the line."""
+        side = first_side
+        for c in crossings:
+            if t >= c + 0.5:
+                side = -side
+            elif t > c - 0.5:
+                return LINE_X + side * 40 * (1 - 2 * (t - (c - 0.5)))
+        return LINE_X + side * 40
+
+    def draw(k: int) -> np.ndarray:
+        frame = _video_canvas()
+        frame[:, LINE_X - 1:LINE_X + 1] = 255
+        t = k / VIDEO_FPS
+        _draw_disc(frame, base_x(t) + 6 * np.sin(2 * np.pi * t / 1.7), _wander(k, bob_phase, 25, 60, 25), 10,
+                   PALETTE["red"])
+        return frame
+
+    question = (f"A red ball moves left and right across the white vertical line at x = {LINE_X}. After each crossing "
+                "it stays on the new side for at least 2 seconds. How many times does the ball cross the line? "
+                "Answer with a number.")
+    code = ("fps = video_clue_0.get_avg_fps()\n"
+            "times = np.arange(0, len(video_clue_0) / fps, 1.0)\n"
+            "frames = video_clue_0.get_batch([int(t * fps) for t in times]).asnumpy().astype(int)\n"
+            f"xs = [np.nonzero((np.abs(f - {PALETTE['red']}).sum(axis=2) < 120).any(axis=0))[0].mean() for f in frames]\n"
+            "plt.figure(figsize=(3.2, 1.2))\n"
+            "plt.plot(times, xs, 'o-')\n"
+            f"plt.axhline({LINE_X}, color='k')\n"
+            "plt.show()\n"
+            f"sides = np.array(xs) > {LINE_X}\n"
+            "print(int((sides[1:] != sides[:-1]).sum()))")
+    return draw, question, str(len(crossings)), "numeric", None, code
+
+
+def _moves_first(rng: random.Random, num_frames: int) -> VideoScene:
+    """A blue and a yellow square stand still; each later slides 40 px in 1 s. Starts are at least 2 s apart."""
+    squares = {"blue": [rng.randint(20, 60), rng.randint(16, VIDEO_HEIGHT - 16)],
+               "yellow": [rng.randint(100, 140), rng.randint(16, VIDEO_HEIGHT - 16)]}
+    outward = {"blue": (-1, 0), "yellow": (1, 0)}   # never toward each other, so they cannot overlap
+    moves = {}
+    for name, (x, y) in squares.items():
+        options = [d for d in (outward[name], (0, -1), (0, 1))
+                   if 10 <= x + 40 * d[0] <= VIDEO_WIDTH - 10 and 10 <= y + 40 * d[1] <= VIDEO_HEIGHT - 10]
+        moves[name] = rng.choice(options)
+    half = VIDEO_FPS // 2
+    first_start = rng.randrange(VIDEO_FPS, num_frames - 4 * VIDEO_FPS + 1, half)
+    second_start = rng.randrange(first_start + 2 * VIDEO_FPS, num_frames - 2 * VIDEO_FPS + 1, half)
+    first = rng.choice(list(squares))
+    starts = {first: first_start, next(n for n in squares if n != first): second_start}
+
+    def draw(k: int) -> np.ndarray:
+        frame = _video_canvas()
+        for name, (x, y) in squares.items():
+            progress = min(max((k - starts[name]) / VIDEO_FPS, 0.0), 1.0)  # 0 before the start, 1 a second later
+            _draw_square(frame, x + 40 * progress * moves[name][0], y + 40 * progress * moves[name][1], 8,
+                         PALETTE[name])
+        return frame
+
+    names = list(squares)
+    rng.shuffle(names)
+    choices = [f"the {name} square" for name in names]
+    question = ("Two squares, a blue one and a yellow one, stand still at the start of the video; later each of them "
+                f"moves. Which one starts moving first? Options: {_options_text(choices)}")
+    reference = ", ".join(f"'{LETTERS[j]}': {PALETTE[name]}" for j, name in enumerate(names))
+    code = (f"colours = {{{reference}}}\n"
+            "def centres(i):\n"
+            "    frame = video_clue_0[i].asnumpy().astype(int)\n"
+            "    return {k: np.argwhere(np.abs(frame - c).sum(axis=2) < 120).mean(axis=0) for k, c in colours.items()}\n"
+            "start = centres(0)\n"
+            "def moved(i):\n"
+            "    now = centres(i)\n"
+            "    return [k for k in colours if np.abs(now[k] - start[k]).max() > 2]\n"
+            "lo, hi = 0, len(video_clue_0) - 1\n"
+            "while lo < hi:\n"
+            "    mid = (lo + hi) // 2\n"
+            "    if moved(mid):\n"
+            "        hi = mid\n"
+            "    else:\n"
+            "        lo = mid + 1\n"
+            "plt.figure(figsize=(3.2, 1.2))\n"
+            "plt.imshow(np.hstack([video_clue_0[0].asnumpy(), video_clue_0[lo].asnumpy()]))\n"
+            "plt.axis('off')\n"
+            "plt.show()\n"
+            "print(moved(lo)[0])")
+    return draw, question, LETTERS[names.index(first)], "multiple_choice", choices, code
+
+
+VIDEO_FAMILIES = {"colour_at_time": _colour_at_time, "first_appearance": _first_appearance,
+                  "count_crossings": _count_crossings, "moves_first": _moves_first}
+
+
+def iter_video_tasks(n: int, seed: int) -> Iterator[tuple[Task, Iterator[np.ndarray]]]:
+    """Seeded synthetic video tasks, families in round-robin. Yields (task without a path, its frames, lazily).
+
+    Frames are drawn from parameters fixed when the task is made, so skipping or consuming them never changes later
+    tasks.
+    """
+    rng = random.Random(seed)
+    families = list(VIDEO_FAMILIES)
+    for i in range(n):
+        family = families[i % len(families)]
+        num_frames = rng.randint(10, 30) * VIDEO_FPS
+        draw, question, answer, ability, choices, code = VIDEO_FAMILIES[family](rng, num_frames)
+        task = Task(id=f"vid-{seed}-{i:05d}", question=question, answer=answer, ability=ability,
+                    data_source=SYNTHETIC_VIDEO_SOURCE, choices=choices, solution_code=code, needs_tool=True,
+                    family=family)
+        yield task, (draw(k) for k in range(num_frames))
+
+
+def generate_video_tasks(n: int, seed: int, out_dir: str | Path | None) -> list[Task]:
+    """Write `out_dir/tasks.json` and `out_dir/videos/*.mp4` (same seed, same bytes). With out_dir=None, text only."""
+    tasks = []
+    if out_dir is not None:
+        (Path(out_dir) / "videos").mkdir(parents=True, exist_ok=True)
+    for task, frames in iter_video_tasks(n, seed):
+        if out_dir is not None:
+            path = Path(out_dir) / "videos" / f"{task.id}.mp4"
+            write_video(path, frames, fps=VIDEO_FPS, gop_size=VIDEO_GOP_FRAMES)
+            task.video_path = str(path)
+        tasks.append(task)
+    if out_dir is not None:
+        write_tasks(tasks, Path(out_dir) / "tasks.json")
+    return tasks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write seeded synthetic tasks in the official validation format.")
-    parser.add_argument("--kind", choices=["image"], default="image", help="media kind of the tasks")
+    parser.add_argument("--kind", choices=["image", "video"], default="image", help="media kind of the tasks")
     parser.add_argument("--n", type=int, default=64, help="number of tasks")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same bytes")
     parser.add_argument("--out", required=True, help="output directory (tasks.json and the media beside it)")
     args = parser.parse_args()
-    tasks = generate_image_tasks(args.n, args.seed, args.out)
+    generate = generate_image_tasks if args.kind == "image" else generate_video_tasks
+    tasks = generate(args.n, args.seed, args.out)
     print(f"wrote {len(tasks)} {args.kind} tasks to {Path(args.out) / 'tasks.json'}")
 
 

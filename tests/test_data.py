@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,8 @@ def test_tool_tasks_lose_their_answer_when_downscaled(tiny_policy):
         seen = image.resize((w, h), Image.BICUBIC).resize(image.size, Image.NEAREST)  # what survives the downscale
         out = io.StringIO()
         try:
-            with np.errstate(all="ignore"), contextlib.redirect_stdout(out):
+            with warnings.catch_warnings(), np.errstate(all="ignore"), contextlib.redirect_stdout(out):
+                warnings.simplefilter("ignore")
                 exec(task.solution_code, {"np": np, "Image": Image, "image_clue_0": seen})
             ok = out.getvalue().strip().splitlines()[-1] == task.answer
         except Exception:  # e.g. no dot survives: the code finds nothing to measure

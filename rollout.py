@@ -1,0 +1,688 @@
+"""rollout.py — the multi-turn agent loop: think -> code -> tool output -> ... -> answer, token-in token-out.
+
+What this file is
+    The heart of PyVision-RL (method.md §2, §12 "rollout"). A batch of tasks x n samples becomes `Trajectory` records. Each
+    trajectory is ONE token sequence, built incrementally and never re-tokenized:
+        prompt | action_1 | observation_1 | action_2 | ... | action_k
+    with an action mask that is 1 exactly on model-generated tokens, plus every image in context (the input image and each
+    figure the tool returned) as pixel values and grid sizes, so the trainer can recompute log-probs over the full
+    interleaved sequence (method.md §2.5).
+
+    The protocol is the official one, string for string (method.md §2.1-§2.4):
+      * actions stop at `</code>` (kept); code is the last ```python block inside <code>...</code> (fallback: the last bare
+        ```python block); `<answer>...</answer>` ends the episode;
+      * observations are new user turns `<tool_response><interpreter>Text Result: ... Image Result: <image_clue_k>...`,
+        opened with `\n<|im_start|>user\n` and closed with `<|im_end|>\n<|im_start|>assistant\n` (the action before an
+        observation is not closed with <|im_end|>);
+      * end reasons DONE, ERROR_IN_ACTION, OVER_LENGTH, EXCEED_MAX_TURNS, EXCEED_MAX_IMAGE_NUM, checked in that order.
+
+    Engines share one interface (`Engine.generate(requests) -> results`): `hf` (transformers generate, batched, CPU or GPU),
+    `vllm` (lazy import, GPU) and `scripted` (an expert that writes the tasks' real solution code and answers with what
+    it printed; it drives the same loop, sandbox and parsing as a model).
+
+How to run
+    python rollout.py --engine scripted --data runs/data/image/tasks.json --n 2 --html runs/rollout.html
+    python rollout.py --engine hf --model runs/tiny --data runs/data/image/tasks.json --n 4
+
+Differences from the official code
+    * The instruction text is a template. We ship our own wording (same instructions, same placeholders); pass the
+      official `rl_system_prompt_template.json` with `--prompt-template FILE --template-key KEY` to give the released
+      checkpoints exactly the prompt they were trained on.
+    * On EXCEED_MAX_TURNS the last code is not executed (the official code executes it and throws the result away).
+    * Errors can be fed back to the model (`on_error="feedback"`, the predecessor PyVision's behaviour) instead of ending
+      the trajectory (`"terminate"`, what the paper trained with, the default).
+    * Tool text is truncated to `max_tool_text_chars` (head and tail kept); the official code has no bound.
+    * `num_tool_calls` counts observations appended to the trajectory (official `tool_call_cnt`).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import re
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, Sequence
+
+import torch
+from PIL import Image
+
+from data import Task
+from models import IMAGE_PAD, IMAGE_PLACEHOLDER, VLProcessor
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The protocol strings (method.md §2)
+# ---------------------------------------------------------------------------------------------------------------------
+
+STOP = "</code>"
+OBS_OPEN = "\n<|im_start|>user\n"
+OBS_CLOSE = "<|im_end|>\n<|im_start|>assistant\n"
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+CODE_RE = re.compile(r"<code>\s*```python\s*(.*?)\s*```\s*</code>", re.DOTALL)
+BARE_CODE_RE = re.compile(r"```python\s*(.*?)\s*```", re.DOTALL)
+
+
+class EndReason:
+    DONE = "DONE"
+    ERROR_IN_ACTION = "ERROR_IN_ACTION"
+    OVER_LENGTH = "OVER_LENGTH"
+    EXCEED_MAX_TURNS = "EXCEED_MAX_TURNS"
+    EXCEED_MAX_IMAGE_NUM = "EXCEED_MAX_IMAGE_NUM"   # official name: EXCEED_MAX_IMAGE_NUM_32
+
+
+# Our own wording of the two official templates (`vistool_with_img_info_v2`, `vis_tool_with_img_info_video_v4`): the same
+# instructions in the same order, the same placeholders ({query}, {width}, {height} / {video_info}), the same code and
+# answer formats. Doubled braces are literal braces after str.format, as in the official JSON.
+_AGENT_PREAMBLE = (
+    "You are an agent: keep working until the user's question is fully answered, and only end your turn once you are "
+    "sure it is solved.\n\n"
+    "Solve the problem step by step. You can write executable Python code to support your reasoning; an external sandbox "
+    "runs it and returns its output.\n\n"
+    "Think carefully before each call and reflect on the results of earlier calls. Do not rely on calls alone: reason "
+    "about what you see.\n\n")
+_FORMAT_RULES = (
+    "The sandbox output comes back wrapped in `<interpreter>output_str</interpreter>`. Write complete scripts, "
+    "including the imports they need. Wrap every code snippet as `<code>\n```python\ncode snippet\n```\n</code>`.\n"
+    "End your response with the final answer in this format:\n<answer>\n\\boxed{{'The final answer goes here.'}}\n"
+    "</answer>\n\n")
+_CLOSING = ("Remember to end with the final answer in the format: \n<answer>\n\\boxed{{'The final answer goes here.'}}\n"
+            "</answer>")
+DEFAULT_TEMPLATES = {
+    "image": _AGENT_PREAMBLE
+    + "Each provided image, in order, is already loaded as the global variable `image_clue_i` (opened with "
+      "PIL.Image.open()). Use these variables directly; there is no need to load the images again.\n\n"
+      "This is a visual question answering task: use the Python tool (for example matplotlib) to analyse or transform "
+      "the images whenever it helps, e.g. zooming in, rotating, adjusting contrast, computing statistics or isolating "
+      "features.\n\n"
+      "To look at an image you produce, call plt.show(); do not save it. Do not use image processing libraries such as "
+      "cv2 or PIL. To inspect a value, print() it.\n\n"
+    + _FORMAT_RULES
+    + "*image resolution:*\n\nImage Width: {width}; Image Height: {height}\n\n"
+      "*user question:*\nAnswer the following Problem with an image provided and put the answer in the format of "
+      "\\boxed{{answer}}\n\n{query}\n\n"
+    + _CLOSING,
+    "video": _AGENT_PREAMBLE
+    + "Each provided video, in order, is already loaded as the global variable `video_clue_j` (opened with "
+      "VideoReader()). Use these variables directly; there is no need to load the videos again.\n\n"
+      "This is a visual question answering task: use the Python tool (for example matplotlib) to analyse or transform "
+      "images whenever it helps, e.g. zooming in, rotating, adjusting contrast, computing statistics or isolating "
+      "features. You can also sample frames from the videos with Python (decord-style API).\n\n"
+      "Note:\n1. To look at an image you produce, call plt.show(); do not save it.\n"
+      "2. Do not use image processing libraries such as cv2 or PIL.\n"
+      "3. You CANNOT see the video directly: to reason about it, sample frames and show them with plt.show().\n"
+      "4. To inspect a value, print() it.\n"
+      "5. If the frames you have are not enough, sample more frames from `video_clue_0` with Python.\n\n"
+    + _FORMAT_RULES
+    + "*Video Information:*\n\n{video_info}\n\n"
+      "*User Question:*\nAnswer the following Problem with an image provided and put the answer in the format of "
+      "\\boxed{{answer}}\n\n{query}\n\n"
+    + _CLOSING,
+}
+
+
+def load_template(template_file: str | Path | None, template_key: str | None, mode: Literal["image", "video"]) -> str:
+    if template_file is None:
+        return DEFAULT_TEMPLATES[mode]
+    templates = json.loads(Path(template_file).read_text(encoding="utf-8"))
+    if template_key not in templates:
+        raise KeyError(f"{template_file}: no template named {template_key!r}; it has {sorted(templates)}")
+    return templates[template_key]
+
+
+def render_prompt(question: str, width: int | None = None, height: int | None = None, video_info: str | None = None,
+                  template_file: str | Path | None = None, template_key: str | None = None) -> str:
+    """Instruction text of the first user turn: image mode with width/height, video mode with video_info."""
+    if video_info is not None:
+        return load_template(template_file, template_key, "video").format(query=question, video_info=video_info)
+    if width is None or height is None:
+        raise ValueError("render_prompt needs width and height (image mode) or video_info (video mode)")
+    return load_template(template_file, template_key, "image").format(query=question, width=width, height=height)
+
+
+def parse_action(text: str) -> tuple[str | None, str | None]:
+    """-> (answer, code): the last <answer> block wins; else the last code block (official order, method.md §2.2)."""
+    answers = ANSWER_RE.findall(text)
+    if answers:
+        return answers[-1], None
+    blocks = CODE_RE.findall(text) or BARE_CODE_RE.findall(text)
+    return None, (blocks[-1] if blocks else None)
+
+
+def truncate_middle(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    head, tail = limit // 2, limit - limit // 2
+    return f"{text[:head]}\n...[{len(text) - limit} characters truncated]...\n{text[-tail:]}"
+
+
+def observation_text(mode: Literal["image", "video"], text: str, first_label: int, num_images: int) -> str:
+    """The official observation turn (method.md §2.3). The image and video sandboxes differ in one newline each."""
+    if num_images == 0:
+        trail = "\n" if mode == "video" else ""
+        body = f"<interpreter>\nText Result:\n{text}{trail}</interpreter>"
+    else:
+        lead = "\n" if mode == "video" else ""
+        labels = "".join(f"<image_clue_{k}>{IMAGE_PLACEHOLDER}</image_clue_{k}>"
+                          for k in range(first_label, first_label + num_images))
+        body = f"<interpreter>{lead}Text Result:\n{text}\nImage Result:\n{labels}</interpreter>"
+    return f"{OBS_OPEN}<tool_response>\n{body}\n\n</tool_response>{OBS_CLOSE}"
+
+
+def error_observation(message: str) -> str:
+    return f"{OBS_OPEN}<tool_response>\n<interpreter>Error: {message}</interpreter>\n\n</tool_response>{OBS_CLOSE}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Turn:
+    action: str                     # model text of this turn
+    action_tokens: int
+    finish_reason: str              # "stop" (</code>), "eos", "length"
+    code: str | None = None
+    exec_status: str | None = None  # sandbox status, when code ran
+    observation: str | None = None  # appended observation text (None when nothing was appended)
+    images: list[Image.Image] = field(default_factory=list)   # figures returned in this turn
+    generate_s: float = 0.0
+    tool_s: float = 0.0
+
+
+@dataclass
+class Trajectory:
+    """One rollout: the token sequence the trainer needs, and what the logs, reward and OFR need."""
+    task: Task
+    group_id: int                    # index of the prompt in its batch: the GRPO group
+    sample_index: int                # which of the n samples of the group
+    mode: Literal["image", "video"]
+    input_ids: list[int]             # prompt + actions + observations
+    action_mask: list[int]           # 1 on model-generated tokens only
+    prompt_len: int
+    images: list[Image.Image]        # every image in context, in order (input image first in image mode)
+    pixel_values: list[torch.Tensor] # one (patches, dim) tensor per image, in order
+    image_grid_thw: list[list[int]]  # one [t, h, w] per image
+    video_inputs: dict = field(default_factory=dict)   # full-context video mode: pixel_values_videos etc.
+    turns: list[Turn] = field(default_factory=list)
+    end_reason: str | None = None
+    num_tool_calls: int = 0
+    num_returned_images: int = 0
+    vision_consistent: bool = True   # image placeholders in the ids match the images (set at the end of the rollout)
+    # filled by reward.py
+    reward: float = 0.0
+    correct: bool = False
+    reward_parts: object | None = None
+
+    @property
+    def response_ids(self) -> list[int]:
+        return self.input_ids[self.prompt_len:]
+
+    @property
+    def response_len(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
+    @property
+    def final_action(self) -> str:
+        return self.turns[-1].action if self.turns else ""
+
+    def response_text(self, processor: VLProcessor) -> str:
+        return processor.decode(self.response_ids)
+
+    def visual_tokens(self, processor: VLProcessor) -> int:
+        grids = self.image_grid_thw + self.video_inputs.get("video_grid_thw", torch.zeros(0, 3)).tolist()
+        return sum(processor.tokens_for_grid(g) for g in grids)
+
+    def check_vision_consistency(self, processor: VLProcessor) -> bool:
+        """Image placeholders in the ids match the images (official `vtoken_images_num_consis` filter)."""
+        ids = torch.tensor(self.input_ids)
+        starts = int(((ids[:-1] == processor.vision_start_id) & (ids[1:] == processor.image_pad_id)).sum())
+        pads = int((ids == processor.image_pad_id).sum())
+        return starts == len(self.image_grid_thw) and pads == sum(processor.tokens_for_grid(g) for g in self.image_grid_thw)
+
+    def model_inputs(self, processor: VLProcessor) -> dict:
+        """Inputs for one forward pass over the whole trajectory (batch of 1)."""
+        ids = torch.tensor([self.input_ids])                                 # (1, T)
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": processor.mm_token_type_ids(ids)}
+        if self.pixel_values:
+            out["pixel_values"] = torch.cat(self.pixel_values)               # (sum patches, dim)
+            out["image_grid_thw"] = torch.tensor(self.image_grid_thw)        # (N_images, 3)
+        return out | self.video_inputs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Engines
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class GenRequest:
+    trajectory: Trajectory
+    max_new_tokens: int
+
+
+@dataclass
+class GenResult:
+    token_ids: list[int]
+    finish_reason: Literal["stop", "eos", "length"]
+
+
+class Engine(Protocol):
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]: ...
+
+
+def cut_at_stop(token_ids: list[int], processor: VLProcessor, stop: str = STOP) -> tuple[list[int], bool]:
+    """Keep tokens up to and including the stop string; re-encode the last token when it overhangs the stop.
+
+    A token can straddle the end of `</code>` (e.g. a merged `>\\n` in Qwen's vocabulary); the kept text then ends exactly
+    at the stop string, as with vLLM's include_stop_str_in_output.
+    """
+    text = processor.decode(token_ids)
+    at = text.find(stop)
+    if at < 0:
+        return token_ids, False
+    end = at + len(stop)
+    for k in range(1, len(token_ids) + 1):
+        prefix = processor.decode(token_ids[:k])
+        if len(prefix) >= end:
+            if len(prefix) == end:
+                return token_ids[:k], True
+            head = processor.decode(token_ids[:k - 1])
+            return token_ids[:k - 1] + processor.encode_text(text[len(head):end]), True
+    return token_ids, True
+
+
+class HFEngine:
+    """transformers `generate` over all active trajectories at once (left-padded batch), with the `</code>` stop."""
+
+    def __init__(self, model, processor: VLProcessor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+        self.model, self.processor = model, processor
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        p = self.processor
+        rows = [r.trajectory.input_ids for r in requests]
+        width = max(len(r) for r in rows)
+        device = self.model.device
+        input_ids = torch.full((len(rows), width), p.pad_id, dtype=torch.long)   # (B, T), left-padded
+        attention = torch.zeros_like(input_ids)                                   # (B, T)
+        for b, row in enumerate(rows):
+            input_ids[b, width - len(row):] = torch.tensor(row)
+            attention[b, width - len(row):] = 1
+        inputs = {"input_ids": input_ids, "attention_mask": attention, "mm_token_type_ids": p.mm_token_type_ids(input_ids)}
+        pixel_values = [pv for r in requests for pv in r.trajectory.pixel_values]
+        if pixel_values:
+            inputs["pixel_values"] = torch.cat(pixel_values)
+            inputs["image_grid_thw"] = torch.tensor([g for r in requests for g in r.trajectory.image_grid_thw])
+        videos = [r.trajectory.video_inputs for r in requests if r.trajectory.video_inputs]
+        if videos:
+            inputs.update({k: torch.cat([v[k] for v in videos]) for k in videos[0]})
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        # every knob explicit: otherwise the checkpoint's generation_config.json (e.g. top_k, repetition_penalty of an
+        # Instruct release) would silently change the sampling distribution
+        sampling = dict(do_sample=self.temperature > 0, temperature=self.temperature or None, top_p=self.top_p,
+                        top_k=self.top_k if self.top_k > 0 else 0, repetition_penalty=1.0)
+        out = self.model.generate(**inputs, max_new_tokens=max(r.max_new_tokens for r in requests),
+                                  stop_strings=[STOP], tokenizer=p.tokenizer, eos_token_id=p.eos_id,
+                                  pad_token_id=p.pad_id, **sampling)
+        results = []
+        for b, r in enumerate(requests):
+            new = out[b, width:].tolist()
+            if p.pad_id in new:   # rows that finished early are padded by generate
+                new = new[:new.index(p.pad_id)]
+            if p.eos_id in new:
+                results.append(GenResult(new[:new.index(p.eos_id) + 1], "eos"))
+                continue
+            new, stopped = cut_at_stop(new, p)
+            if len(new) > r.max_new_tokens:
+                new, stopped = new[:r.max_new_tokens], False
+            results.append(GenResult(new, "stop" if stopped else "length"))
+        return results
+
+
+class ScriptedExpert:
+    """An expert policy for the synthetic tasks: it writes the task's solution code, reads what the sandbox printed and
+    answers with the last printed line. It sees exactly what a model sees (its own context), so the whole loop —
+    parsing, sandbox, observation format, budgets — is exercised for real.
+
+    Variants used for the SFT cold start: `recover_rate` writes a broken first attempt (a typo'd name) before the real
+    code, which only helps when errors are fed back (`on_error="feedback"`); `direct_when_possible` answers tool-free
+    tasks (`needs_tool=False`) directly, as a model that sees the image would.
+    """
+
+    def __init__(self, processor: VLProcessor, recover_rate: float = 0.0, direct_when_possible: bool = False, seed: int = 0):
+        self.processor, self.recover_rate, self.direct, self.seed = processor, recover_rate, direct_when_possible, seed
+
+    def _coin(self, traj: Trajectory) -> float:
+        # a draw per (seed, task, sample), so the choice does not depend on batching or on which rank runs it
+        return zlib.crc32(f"{self.seed}/{traj.task.id}/{traj.sample_index}".encode()) / 2 ** 32
+
+    def _say(self, text: str, finish: str) -> GenResult:
+        ids = self.processor.encode_text(text) + ([self.processor.eos_id] if finish == "eos" else [])
+        return GenResult(ids, finish)
+
+    def _act(self, traj: Trajectory) -> GenResult:
+        task = traj.task
+        if task.solution_code is None:
+            raise ValueError(f"task {task.id}: the scripted expert needs a task with solution_code (synthetic tasks)")
+        answer_with = lambda a: self._say(f"The result is {a}.\n<answer>\n\\boxed{{{a}}}\n</answer>", "eos")
+        if not traj.turns:
+            if self.direct and task.needs_tool is False:
+                return answer_with(task.answer)
+            if self._coin(traj) < self.recover_rate:
+                broken = task.solution_code.replace("image_clue_0", "image_clue", 1).replace("video_clue_0", "video_clue", 1)
+                return self._say(f"Let me inspect the {traj.mode} with code.\n<code>\n```python\n{broken}\n```\n</code>", "stop")
+        last = traj.turns[-1] if traj.turns else None
+        if last is None or last.exec_status != "ok":
+            why = "Let me inspect the" if last is None else "That failed; let me fix the code and inspect the"
+            return self._say(f"{why} {traj.mode} with code.\n<code>\n```python\n{task.solution_code}\n```\n</code>", "stop")
+        printed = re.search(r"Text Result:\n(.*?)(?:\nImage Result:|\n?</interpreter>)", last.observation or "", re.DOTALL)
+        lines = printed.group(1).strip().splitlines() if printed else []
+        return answer_with(lines[-1].strip() if lines else "unknown")
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        return [self._act(r.trajectory) for r in requests]
+
+
+class VLLMEngine:
+    """vLLM rollouts (GPU only; `pip install -e .[vllm]`). Colocated with the trainer: `sleep()` frees its KV cache
+    while the trainer updates, `sync_weights(model)` loads the new weights in place after every update.
+
+    Prompts go in as token ids plus PIL images. vLLM expands each image's single `<|image_pad|>` itself (as in the
+    official code), so runs of pads in our expanded ids are collapsed to one before sending; the returned token ids are
+    appended to our own sequence unchanged (token-in, token-out). Not exercised in CI (no GPU there): checked against
+    vLLM's documented API only.
+    """
+
+    def __init__(self, processor: VLProcessor, model_path: str, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = -1, gpu_memory_utilization: float = 0.5, max_model_len: int = 32768,
+                 max_images: int = 32, sync_timeout_s: float = 600.0, seed: int = 0):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as e:
+            raise ImportError("the vllm engine needs the GPU extra: pip install -e '.[vllm]'") from e
+        self.processor, self.sync_timeout_s = processor, sync_timeout_s
+        self.llm = LLM(model=str(model_path), enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization,
+                       max_model_len=max_model_len, limit_mm_per_prompt={"image": max_images, "video": 1}, seed=seed)
+        self.sampling = lambda max_tokens: SamplingParams(
+            temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=[STOP],
+            include_stop_str_in_output=True, skip_special_tokens=False, n=1)
+
+    def _prompt(self, traj: Trajectory) -> dict:
+        ids, pad = [], self.processor.image_pad_id
+        for tok in traj.input_ids:          # collapse each run of image pads to the single placeholder vLLM expects
+            if not (tok == pad and ids and ids[-1] == pad):
+                ids.append(tok)
+        prompt = {"prompt_token_ids": ids}
+        if traj.images:
+            prompt["multi_modal_data"] = {"image": list(traj.images)}
+        return prompt
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        outputs = self.llm.generate([self._prompt(r.trajectory) for r in requests],
+                                    [self.sampling(r.max_new_tokens) for r in requests], use_tqdm=False)
+        results = []
+        for out in outputs:
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            if completion.finish_reason == "length":
+                results.append(GenResult(ids, "length"))
+            elif ids and ids[-1] == self.processor.eos_id:
+                results.append(GenResult(ids, "eos"))
+            else:
+                results.append(GenResult(cut_at_stop(ids, self.processor)[0], "stop"))
+        return results
+
+    def sleep(self) -> None:
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+    def sync_weights(self, model) -> None:
+        """Load the trainer's weights into vLLM; a failure or a timeout stops the run instead of hanging it."""
+        result: dict = {}
+
+        def load():
+            try:
+                runner_model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+                runner_model.load_weights((name, p.detach()) for name, p in model.state_dict().items())
+                result["ok"] = True
+            except Exception as e:  # any failure here must surface, never leave rollouts on stale weights
+                result["error"] = e
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        worker.join(self.sync_timeout_s)
+        if worker.is_alive():
+            raise RuntimeError(f"vLLM weight sync did not finish within {self.sync_timeout_s:.0f} s; stopping the run")
+        if "error" in result:
+            raise RuntimeError(f"vLLM weight sync failed: {result['error']!r}; stopping the run") from result["error"]
+
+
+def make_engine(name: str, model=None, processor: VLProcessor | None = None, **kwargs) -> Engine:
+    """Engines by name, the same names in rollout.py, eval.py and train.py."""
+    if name == "hf":
+        return HFEngine(model, processor, **kwargs)
+    if name == "scripted":
+        return ScriptedExpert(processor, **kwargs)
+    if name == "vllm":
+        return VLLMEngine(processor=processor, **kwargs)
+    raise ValueError(f"unknown engine {name!r}; choose hf, vllm or scripted")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RolloutConfig:
+    max_turns: int = 5                  # generation rounds; at most max_turns-1 tool calls (paper: "turn budget 4")
+    max_response_tokens: int = 20480    # actions + observations + image tokens after the prompt (OVER_LENGTH)
+    max_turn_tokens: int = 10240        # per generation round (ERROR_IN_ACTION when hit)
+    max_images: int = 32                # images in context incl. the input (EXCEED_MAX_IMAGE_NUM)
+    on_error: Literal["terminate", "feedback"] = "terminate"
+    max_tool_text_chars: int = 4000     # tool text beyond this is cut in the middle
+    tool_timeout_s: float = 30.0
+    tool_workers: int = 8               # sandbox calls running at once
+    template_file: str | None = None
+    template_key: str | None = None
+    video_context: Literal["on_demand", "full_context"] = "on_demand"   # the paper's ablation (method.md §9)
+    full_context_fps: float = 1.0       # full context: frames per second put into the prompt
+    full_context_max_frames: int = 64
+
+
+def start_trajectory(task: Task, group_id: int, sample_index: int, processor: VLProcessor,
+                     cfg: RolloutConfig) -> Trajectory:
+    """Build the first user turn (method.md §2.1): image in context + instructions, or video metadata only (or, for
+    the full-context baseline, sampled frames as a Qwen video input)."""
+    if task.media_kind == "image":
+        image = Image.open(task.image_path).convert("RGB")
+        instructions = render_prompt(task.question, width=image.width, height=image.height,
+                                     template_file=cfg.template_file, template_key=cfg.template_key)
+        content = [{"type": "text", "text": "<image_clue_0>"}, {"type": "image"},
+                   {"type": "text", "text": "</image_clue_0>\n" + instructions}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}])
+        pixel_values, grid = processor.encode_images([image])
+        ids = processor.encode_text(processor.expand_pads(text, grid.tolist()))
+        return Trajectory(task, group_id, sample_index, "image", ids, [0] * len(ids), len(ids), [image],
+                          [pixel_values], grid.tolist())
+    from video_context import sample_uniform, video_info
+    instructions = render_prompt(task.question, video_info=video_info(task.video_path),
+                                 template_file=cfg.template_file, template_key=cfg.template_key)
+    if cfg.video_context == "on_demand":   # the paper: metadata only; the frames stay in the sandbox
+        text = processor.apply_chat_template([{"role": "user", "content": instructions}])
+        ids = processor.encode_text(text)
+        return Trajectory(task, group_id, sample_index, "video", ids, [0] * len(ids), len(ids), [], [], [])
+    # the full-context baseline: uniformly sampled frames in the prompt as one Qwen video (the sandbox keeps the video)
+    frames, times = sample_uniform(task.video_path, fps=cfg.full_context_fps, max_frames=cfg.full_context_max_frames)
+    sample_fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else cfg.full_context_fps
+    pixel_values_videos, grid = processor.encode_video(frames)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"},
+                                                                       {"type": "text", "text": "\n" + instructions}]}])
+    ids = processor.encode_text(processor.expand_pads(text, [], [grid]))
+    video_inputs = {"pixel_values_videos": pixel_values_videos, "video_grid_thw": torch.tensor([grid]),
+                    "second_per_grid_ts": torch.tensor([processor.geometry.temporal_patch_size / sample_fps])}
+    return Trajectory(task, group_id, sample_index, "video", ids, [0] * len(ids), len(ids), [], [], [],
+                      video_inputs=video_inputs)
+
+
+def _append(traj: Trajectory, ids: list[int], is_action: bool) -> None:
+    traj.input_ids += ids
+    traj.action_mask += [1 if is_action else 0] * len(ids)
+
+
+def rollout(tasks: Sequence[Task], engine: Engine, processor: VLProcessor, sandbox_factory, cfg: RolloutConfig,
+            n: int = 1, first_group: int = 0) -> list[Trajectory]:
+    """Run `n` samples of every task to the end. `sandbox_factory(images=..., video=...)` opens one sandbox per
+    trajectory (see sandbox.py); they are closed before returning, whatever happens."""
+    trajs = [start_trajectory(t, first_group + g, k, processor, cfg) for g, t in enumerate(tasks) for k in range(n)]
+    sandboxes: dict[int, object] = {}
+    try:
+        with ThreadPoolExecutor(max_workers=cfg.tool_workers) as pool:
+            active = list(range(len(trajs)))
+            for turn in range(cfg.max_turns):
+                if not active:
+                    break
+                active = _one_round(trajs, active, turn, engine, processor, cfg, sandboxes, sandbox_factory, pool)
+    finally:
+        for sb in sandboxes.values():
+            sb.close()
+    for traj in trajs:
+        traj.vision_consistent = traj.check_vision_consistency(processor)
+    return trajs
+
+
+def score_trajectories(trajs: Sequence[Trajectory], processor: VLProcessor, tool_coef: float = 0.1, judge=None,
+                       strict: bool = True) -> None:
+    """Fill reward, correct and reward_parts (reward.py) from each trajectory's decoded response."""
+    import reward
+    requests = [reward.ScoreRequest(t.task.answer, t.task.data_source, t.task.ability, t.response_text(processor),
+                                    t.num_tool_calls, t.task.question, t.task.choices) for t in trajs]
+    for traj, parts in zip(trajs, reward.score_many(requests, tool_coef, judge, strict)):
+        traj.reward_parts, traj.reward, traj.correct = parts, parts.total, parts.correct
+
+
+def _one_round(trajs, active, turn, engine, processor, cfg, sandboxes, sandbox_factory, pool) -> list[int]:
+    # 1) generate one action for every active trajectory
+    budgets = {i: min(cfg.max_turn_tokens, cfg.max_response_tokens - trajs[i].response_len) for i in active}
+    t0 = time.perf_counter()
+    results = engine.generate([GenRequest(trajs[i], max(1, budgets[i])) for i in active])
+    gen_s = (time.perf_counter() - t0) / max(1, len(active))
+    to_run: list[tuple[int, str]] = []
+    for i, res in zip(active, results):
+        traj = trajs[i]
+        action = processor.decode(res.token_ids)
+        _append(traj, res.token_ids, is_action=True)
+        answer, code = parse_action(action)
+        traj.turns.append(Turn(action, len(res.token_ids), res.finish_reason, code=code, generate_s=gen_s))
+        # 2) end checks, in the official order (method.md §2.4)
+        if traj.response_len >= cfg.max_response_tokens:
+            traj.end_reason = EndReason.OVER_LENGTH
+        elif res.finish_reason == "length" or not res.token_ids:
+            traj.end_reason = EndReason.ERROR_IN_ACTION
+        elif answer is not None:
+            traj.end_reason = EndReason.DONE
+        elif code is None:
+            if cfg.on_error == "feedback" and turn < cfg.max_turns - 1:
+                _observe(traj, error_observation("No Python code or final answer found. "
+                                                 "There is something wrong with the format."), [], processor, cfg)
+            else:
+                traj.end_reason = EndReason.ERROR_IN_ACTION
+        elif turn == cfg.max_turns - 1:
+            traj.end_reason = EndReason.EXCEED_MAX_TURNS
+        else:
+            to_run.append((i, code))
+    # 3) run all code of this round concurrently, one sandbox per trajectory
+    def run(item):
+        i, code = item
+        if i not in sandboxes:
+            t = trajs[i]
+            sandboxes[i] = sandbox_factory(images=t.images[:1] if t.mode == "image" else [],
+                                           video=t.task.video_path if t.mode == "video" else None)
+        start = time.perf_counter()
+        return sandboxes[i].run(code), time.perf_counter() - start
+    for (i, _), (result, tool_s) in zip(to_run, pool.map(run, to_run)):
+        traj, last = trajs[i], trajs[i].turns[-1]
+        last.exec_status, last.tool_s = result.status, tool_s
+        if result.status != "ok":
+            if cfg.on_error == "terminate":
+                traj.end_reason = EndReason.ERROR_IN_ACTION
+                continue
+            message = truncate_middle(f"{result.error or result.status}\n{result.text}".strip(), cfg.max_tool_text_chars)
+            _observe(traj, error_observation(f"Execution error: {message}"), [], processor, cfg)
+            continue
+        first_label = traj.num_returned_images + (1 if traj.mode == "image" else 0)
+        obs = observation_text(traj.mode, truncate_middle(result.text.strip(), cfg.max_tool_text_chars), first_label,
+                               len(result.images))
+        _observe(traj, obs, list(result.images), processor, cfg)
+    return [i for i in active if trajs[i].end_reason is None]
+
+
+def _observe(traj: Trajectory, obs: str, images: list[Image.Image], processor: VLProcessor, cfg: RolloutConfig) -> None:
+    """Append an observation turn (mask 0) with its images, then apply the length and image caps."""
+    grids: list[list[int]] = []
+    pixel_values = None
+    if images:
+        pixel_values, grid = processor.encode_images(images)
+        grids = grid.tolist()
+    ids = processor.encode_text(processor.expand_pads(obs, grids))
+    if traj.response_len + len(ids) >= cfg.max_response_tokens:
+        traj.end_reason = EndReason.OVER_LENGTH   # an observation that would overflow is not appended (official)
+        return
+    _append(traj, ids, is_action=False)
+    traj.turns[-1].observation, traj.turns[-1].images = obs, images
+    traj.num_tool_calls += 1
+    if images:
+        # split the batch's patches back per image so each trajectory owns its own tensors
+        sizes = [g[0] * g[1] * g[2] for g in grids]
+        traj.pixel_values += list(torch.split(pixel_values, sizes))
+        traj.image_grid_thw += grids
+        traj.images += images
+        traj.num_returned_images += len(images)
+    if len(traj.image_grid_thw) >= cfg.max_images:
+        traj.end_reason = EndReason.EXCEED_MAX_IMAGE_NUM
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Viewer
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _img_tag(image: Image.Image, max_side: int = 320) -> str:
+    thumb = image.copy()
+    thumb.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    thumb.save(buf, format="PNG")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def write_html(trajectories: Sequence[Trajectory], path: str | Path, title: str = "PyVision-RL trajectories") -> Path:
+    """A self-contained HTML page: per trajectory the question, input image, each turn's text, code, tool output and
+    figures, and the reward and end reason."""
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+             "body{font-family:sans-serif;max-width:1100px;margin:auto}pre{background:#f4f4f4;padding:6px;"
+             "white-space:pre-wrap}.traj{border:1px solid #ccc;margin:12px 0;padding:8px}.obs{background:#eef6ff}"
+             ".meta{color:#555}img{margin:4px;border:1px solid #999}</style>", f"<h1>{html.escape(title)}</h1>"]
+    for t in trajectories:
+        parts.append(f"<div class='traj'><h3>{html.escape(t.task.id)} · group {t.group_id} · sample {t.sample_index}</h3>"
+                     f"<p class='meta'>end: {t.end_reason} · tool calls: {t.num_tool_calls} · reward: {t.reward:.2f} · "
+                     f"correct: {t.correct} · reference answer: {html.escape(str(t.task.answer))}</p>"
+                     f"<p>{html.escape(t.task.question)}</p>")
+        if t.mode == "image" and t.images:
+            parts.append(_img_tag(t.images[0]))
+        for k, turn in enumerate(t.turns):
+            parts.append(f"<h4>turn {k + 1} <span class='meta'>({turn.action_tokens} tokens, {turn.finish_reason}, "
+                         f"gen {turn.generate_s:.2f}s, tool {turn.tool_s:.2f}s)</span></h4>"
+                         f"<pre>{html.escape(turn.action)}</pre>")
+            if turn.observation is not None:
+                parts.append(f"<pre class='obs'>{html.escape(turn.observation)}</pre>")
+                parts += [_img_tag(im) for im in turn.images]
+        parts.append("</div>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path

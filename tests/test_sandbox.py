@@ -1,0 +1,521 @@
+"""Adversarial tests for sandbox.py: one test (or more) per property the runtime promises.
+
+Processes that must die are found by a unique token in their command line (PIDs inside a sandbox are namespace-local).
+"""
+import json
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sandbox
+from sandbox import ExecResult, Sandbox, SandboxConfig, SandboxPool, preamble_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with SandboxPool(spares=2, max_running=4, timeout=15) as p:
+        yield p
+
+
+def _procs_with(token: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if token.encode() in f.read():
+                        found.append(int(pid))
+            except OSError:
+                continue
+    return found
+
+
+def _wait_until(condition, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature plus an IHDR chunk claiming the given size: tiny on disk, a bomb if decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+# --- contract: preloaded names, state, images ------------------------------------------------------------------------
+
+def test_state_persists_and_preamble_names_exist(pool, tmp_path):
+    gray = Image.linear_gradient("L").resize((64, 48))        # mode "L": must arrive as RGB at the same size
+    path = tmp_path / "input.png"
+    Image.new("RGB", (30, 40), (10, 20, 30)).save(path)
+    with pool.open(images=[gray, str(path)]) as sb:
+        r = sb.run(f"names = {preamble_names(2, False)!r}\nmissing = [n for n in names if n not in globals()]\n"
+                   "print(missing, image_clue_0.mode, image_clue_0.size, image_clue_1.size, image_clue_1.getpixel((0, 0)))")
+        assert r.status == "ok", r.error
+        assert r.text == "[] RGB (64, 48) (30, 40) (10, 20, 30)\n"
+        assert sb.run("import json\nx = 41\ndef f(v):\n    return v + 1").ok
+        r = sb.run("print(f(x), json.dumps([np.int64(3).item()]))")
+        assert (r.status, r.text, r.state_reset) == ("ok", "42 [3]\n", False)
+
+
+def test_video_is_opened_with_video_context_reader(pool, tmp_path):
+    video_context = pytest.importorskip("video_context")
+    frames = [np.full((32, 48, 3), 40 * i, np.uint8) for i in range(5)]
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)                  # root-only: a worker uid reads it via CAP_DAC_READ_SEARCH
+    video_context.write_video(private / "clip.mp4", frames, fps=5)
+    with pool.open(video=private / "clip.mp4") as sb:
+        r = sb.run("from decord import VideoReader, cpu\n"
+                   "print(type(video_clue_0).__name__, len(video_clue_0), video_clue_0[2].asnumpy().shape)")
+        assert (r.status, r.text) == ("ok", "VideoReader 5 (32, 48, 3)\n"), r.error
+
+
+def test_show_variants_return_images_including_functions_from_earlier_calls(pool):
+    with pool.open() as sb:
+        assert sb.run("def draw():\n    plt.figure(figsize=(2, 1), dpi=50)\n    plt.plot([1, 2])\n    plt.show()").ok
+        r = sb.run("draw()")
+        assert r.status == "ok" and [im.size for im in r.images] == [(100, 50)]
+        r = sb.run("Image.new('RGBA', (40, 40)).show()\n"
+                   "display(np.zeros((30, 60, 3), np.uint8), np.ones((32, 32)), plt.figure(figsize=(1, 1), dpi=40))\n"
+                   "fig = plt.figure(figsize=(1, 1), dpi=40)\nfig.show()\ndisplay('hello')\n"
+                   "s = 'plt.show()'")              # a string mentioning plt.show() shows nothing
+        assert r.status == "ok", r.error
+        assert [im.size for im in r.images] == [(40, 40), (60, 30), (32, 32), (40, 40), (40, 40)]
+        assert all(im.mode == "RGB" for im in r.images) and r.text == "'hello'\n"
+        assert np.asarray(r.images[2]).min() == 255   # float arrays are read as [0, 1]
+
+
+def test_image_checks_drop_downscale_and_cap_with_notes(pool):
+    with pool.open(max_images=3, max_image_pixels=10_000, min_image_side=28) as sb:
+        r = sb.run("display(Image.new('RGB', (6000, 28)))\n"        # aspect 214 >= 200
+                   "display(Image.new('RGB', (10, 10)))\n"          # below the minimum side
+                   "display(Image.new('RGB', (400, 400)))\n"        # downscaled to 100x100
+                   "plt.figure(figsize=(100, 100), dpi=100)\nplt.show()\n"   # a 10000x10000 figure: rendered small
+                   "for _ in range(4):\n    display(Image.new('RGB', (50, 50)))")
+        assert r.status == "ok", r.error
+        assert [im.size for im in r.images] == [(100, 100), (100, 100), (50, 50)]
+        notes = "\n".join(r.notes)
+        assert "aspect ratio 214 is not below 200" in notes
+        assert "10x10 px is below the 28 px minimum side" in notes
+        assert "downscaled from 400x400" in notes and "figure downscaled from 10000x10000" in notes
+        assert notes.count("more than 3 images in one call") == 3
+
+
+def test_parent_judges_child_pngs_from_headers_and_never_follows_links(tmp_path):
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (50, 50), "blue").save(outside)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "out_1.png").write_bytes(_png_header_only(100_000, 100_000))   # would need 30 GB to decode
+    (work / "out_2.png").symlink_to(outside)                                # a link to a file of ours
+    (work / "out_3.png").write_bytes(b"\xff\xd8\xff\xe0 not a png")
+    Image.new("RGB", (3000, 1000), "red").save(work / "out_4.png")
+    worker = sandbox._Worker(pid=0, sock=None, workdir=str(work), uid=None)
+    cfg = SandboxConfig(max_image_pixels=1_000_000)   # 3000x1000 decodes (< 4x), then shrinks
+    images, notes = sandbox._collect_images(worker, ["out_1.png", "out_2.png", "out_3.png", "../secret.png",
+                                                     "out_4.png"], cfg)
+    assert [im.size for im in images] == [(1732, 577)]
+    assert "too large to decode" in notes[0] and "unreadable" in notes[1] and "unreadable" in notes[2]
+    assert "invalid image name" in notes[3] and "downscaled from 3000x1000" in notes[4]
+    assert not any(work.iterdir()) and outside.exists()
+
+
+# --- must hold: timeouts, attribution -------------------------------------------------------------------------------
+
+def test_timeout_kills_whole_tree_restarts_and_never_misattributes(pool):
+    token1, token2 = uuid.uuid4().hex, uuid.uuid4().hex
+    with pool.open(timeout=2) as sb:
+        assert sb.run("x = 1").ok
+        start = time.monotonic()
+        r = sb.run(textwrap.dedent(f"""
+            import os, subprocess, sys, time
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)  # {token1}"], start_new_session=True)
+            if os.fork() == 0:          # a daemon: new session, double fork, exec
+                os.setsid()
+                if os.fork() == 0:
+                    os.execv("/bin/sh", ["sh", "-c", "sleep 600 # {token2}"])
+                os._exit(0)
+            print("one")
+            time.sleep(100)
+        """))
+        assert r.status == "timeout" and r.state_reset and time.monotonic() - start < 8
+        assert "restarted" in r.notes[0] and "2 s" in r.error
+        assert _wait_until(lambda: not _procs_with(token1) and not _procs_with(token2), 5)
+        r = sb.run("print('two')\nprint(x)")          # the old output never shows up; the old state is gone
+        assert r.status == "error" and r.text == "two\n" and "NameError" in r.error and not r.state_reset
+
+
+def test_forged_or_stale_frames_from_the_child_are_not_results(pool):
+    find_socket = ("import os, json, struct\n"
+                   "fd = next(int(f) for f in os.listdir('/proc/self/fd') "
+                   "if os.readlink(f'/proc/self/fd/{f}').startswith('socket:'))\n")
+    with pool.open() as sb:
+        assert sb.run("kept = 7").ok
+        forged = json.dumps({"id": -5, "status": "ok", "text": "FORGED", "images": [], "notes": []})
+        r = sb.run(find_socket + f"data = {forged!r}.encode()\n"
+                   "os.write(fd, struct.pack('>I', len(data)) + data)\nprint('real')")
+        assert (r.status, r.text) == ("ok", "real\n")
+        r = sb.run(find_socket + "os.write(fd, struct.pack('>I', 2**31))")   # a header announcing 2 GB
+        assert r.status == "crashed" and r.state_reset and "exceeds" in r.error
+        assert sb.run("print(kept)").status == "error"       # restarted: clean state, not a stale reply
+        assert sb.run("print(3)").text == "3\n"
+
+
+# --- must hold: limits -----------------------------------------------------------------------------------------------
+
+def test_memory_bomb_is_oom_and_the_interpreter_survives(pool):
+    with pool.open(memory_mb=1024) as sb:
+        assert sb.run("y = 5").ok
+        r = sb.run("x = bytearray(8 << 30)")
+        assert r.status == "oom" and "MemoryError" in r.error and not r.state_reset
+        r = sb.run("a = np.ones((40000, 40000))")
+        assert r.status == "oom"
+        assert sb.run("print(y)").text == "5\n"
+
+
+def test_cpu_time_file_size_and_open_file_limits(pool):
+    with pool.open(cpu_s=1, timeout=20, file_mb=1, max_open_files=64) as sb:
+        start = time.monotonic()
+        r = sb.run("while True:\n    pass")
+        assert r.status == "cpu_limit" and time.monotonic() - start < 10 and not r.state_reset
+        r = sb.run("open('big', 'wb').write(b'x' * (2 << 20))")
+        assert r.status == "error" and "File too large" in r.error
+        r = sb.run("files = [open(f'f{i}', 'w') for i in range(200)]")
+        assert r.status == "error" and "Too many open files" in r.error
+        assert sb.run("print('fine')").text == "fine\n"
+
+
+def test_fork_bomb_hits_the_process_limit(pool):
+    if not pool.own_uids:
+        pytest.skip("RLIMIT_NPROC binds only when workers run under their own uid (root trainer)")
+    token = uuid.uuid4().hex
+    with pool.open(max_procs=16) as sb:
+        r = sb.run(f"import subprocess\nps = [subprocess.Popen(['/bin/sh', '-c', 'sleep 60 # {token}']) "
+                   "for _ in range(100)]")
+        assert r.status == "error" and "Resource temporarily unavailable" in r.error
+        assert 0 < len(_procs_with(token)) < 16
+    assert _wait_until(lambda: not _procs_with(token), 5)
+
+
+def test_output_is_bounded_head_and_tail(pool):
+    import resource
+    n = 200_000
+    total = sum(len(str(i)) + 1 for i in range(n))
+    with pool.open(max_output_chars=1000, memory_mb=1024) as sb:
+        r = sb.run(f"for i in range({n}):\n    print(i)")
+        assert r.status == "ok" and r.text.startswith("0\n1\n2\n") and r.text.endswith(f"{n - 1}\n")
+        assert f"[{total - 1000} characters of output dropped]" in r.text and len(r.text) < 1100
+        r = sb.run("import os\nfor _ in range(10000):\n    os.write(1, b'y' * 1000)")   # below Python, 10 MB
+        assert r.status == "ok" and "[9999000 characters of output dropped]" in r.text and len(r.text) < 1100
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        r = sb.run("for _ in range(2000):\n    print('z' * 1_000_000)")      # 2 GB of text: kept, it would not fit
+        assert r.status == "ok" and len(r.text) < 1100
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 30_000   # KiB: the parent stays flat
+
+
+# --- must hold: isolation --------------------------------------------------------------------------------------------
+
+def test_environment_network_signals_and_filesystem_are_isolated(pool):
+    with pool.open() as sb:
+        r = sb.run("import os\nprint(sorted(os.environ))")
+        allowed = set(sandbox._template_env("/x"))
+        assert r.ok and set(eval(r.text)) <= allowed
+        r = sb.run(f"import os\ntry:\n    os.kill({os.getpid()}, 0)\n    print('reached')\n"
+                   "except (ProcessLookupError, PermissionError) as e:\n    print('blocked', type(e).__name__)")
+        assert r.text.startswith("blocked"), r.text
+        if pool.isolation != "namespaces":
+            pytest.skip("network, /proc and filesystem isolation need namespaces")
+        r = sb.run("import socket\nfor addr in [('1.1.1.1', 53), ('127.0.0.1', 22)]:\n"
+                   "    s = socket.socket()\n    s.settimeout(2)\n    try:\n        s.connect(addr)\n"
+                   "        print('connected')\n    except OSError as e:\n        print(e.errno)")
+        assert "connected" not in r.text and r.ok
+        r = sb.run(f"import os\nprint(os.getppid(), [p for p in os.listdir('/proc') if p.isdigit()], "
+                   f"os.path.exists('/proc/{os.getpid()}'), sorted(os.listdir('/dev')))")
+        assert r.text == "0 ['1'] False ['fd', 'full', 'null', 'random', 'stderr', 'stdin', 'stdout', 'urandom', 'zero']\n"
+        probe = str(ROOT / f"sandbox_probe_{uuid.uuid4().hex}")
+        r = sb.run(f"import os\nfor p in [{probe!r}, '/tmp/probe', os.path.join(os.path.dirname(os.getcwd()), 'x'), "
+                   "'ok.txt']:\n    try:\n        open(p, 'w').close()\n        print('wrote', p)\n"
+                   "    except OSError as e:\n        print('denied', e.errno)\nprint(os.getcwd())")
+        lines = r.text.splitlines()
+        assert lines[:3] == ["denied 30"] * 3 and lines[3] == "wrote ok.txt" and not os.path.exists(probe)
+        assert lines[4].startswith(pool.root + "/")
+
+
+# The trainer: two sandboxes, each with a background process that escaped into its own session; then it waits.
+_TRAINER_SCRIPT = r'''
+import os, sys, time
+sys.path.insert(0, ROOT)
+import sandbox
+pool = sandbox.SandboxPool(spares=1)
+boxes = [pool.open() for _ in range(2)]
+for sb in boxes:
+    sb.run("import subprocess; subprocess.Popen(['/bin/sh', '-c', 'sleep 600 # TOKEN'], start_new_session=True)")
+probe = """
+import os
+found = []
+for p in os.listdir('/proc'):               # every process this sandbox can see
+    try:
+        if b'SECRET' in open(f'/proc/{p}/environ', 'rb').read():
+            found.append(p)
+    except OSError:
+        pass
+try:                                        # and the trainer itself, by its host pid
+    found.append(open('/proc/TRAINER_PID/environ', 'rb').read().count(b'SECRET'))
+except OSError:
+    pass
+print(found)
+"""
+leak = boxes[0].run(probe.replace("TRAINER_PID", str(os.getpid())))
+loader = os.fork()                           # like a fork-started DataLoader worker: it outlives the trainer
+if loader == 0:
+    time.sleep(600)
+    os._exit(0)
+print(loader, pool.root, leak.text.strip(), "READY", flush=True)
+time.sleep(600)
+'''
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_no_leaks_when_the_trainer_is_signalled_and_its_environment_stays_private(signum):
+    token, secret = uuid.uuid4().hex, "SECRET" + uuid.uuid4().hex
+    script = _TRAINER_SCRIPT.replace("ROOT", repr(str(ROOT))).replace("TOKEN", token).replace("SECRET", secret)
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "TRAINER_SECRET": secret})   # in the trainer's launch environment
+    loader = None
+    try:
+        line = trainer.stdout.readline()
+        assert line.endswith("READY\n"), line
+        loader, root, found = int(line.split()[0]), line.split()[1], line.split(" ", 2)[2].rsplit(" ", 1)[0]
+        assert found == "[]", f"the trainer's launch environment leaked: {found}"
+        assert len(set(_procs_with(token)) - {trainer.pid, loader}) >= 2 and _procs_with(root)   # their argv has it
+        os.kill(trainer.pid, signum)
+        trainer.wait(timeout=20)
+        def clean():
+            return not set(_procs_with(token)) - {trainer.pid, loader} and not _procs_with(root) and not os.path.exists(root)
+        if signum == signal.SIGKILL:
+            # nothing ran in the trainer: the template saw its socket close (the forked child dropped its copy at
+            # fork, or it would keep the pool alive) and cleaned up on its own
+            assert _wait_until(clean, 5), (_procs_with(token), loader, trainer.pid, _procs_with(root), root)
+        else:
+            assert clean()   # cleaned up before the trainer exited, not later by the template's fallback
+    finally:
+        trainer.kill()
+        trainer.wait()
+        if loader:
+            os.kill(loader, signal.SIGKILL)
+
+
+def test_parent_never_unpickles(pool, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used")
+    for name in ("loads", "load", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    with pool.open(images=[Image.new("RGB", (64, 64))]) as sb:
+        r = sb.run("import pickle\nplt.imshow(image_clue_0)\nplt.show()\nraise ValueError(pickle.dumps(1))")
+        assert r.status == "error" and len(r.images) == 1 and "ValueError" in r.error
+
+
+# --- must hold: cleanup ----------------------------------------------------------------------------------------------
+
+def test_close_and_exceptions_leave_no_processes_or_directories():
+    token = uuid.uuid4().hex
+    pool = SandboxPool(spares=1)
+    start_sleeper = f"import subprocess; subprocess.Popen(['/bin/sh', '-c', 'sleep 600 # {token}'])"
+    sb = pool.open()
+    workdir = sb._holder[0].workdir
+    assert sb.run(start_sleeper).ok and _wait_until(lambda: len(_procs_with(token)) == 1, 5)
+    sb.close()
+    sb.close()
+    assert not os.path.exists(workdir) and _wait_until(lambda: not _procs_with(token), 5)
+    with pytest.raises(RuntimeError, match="boom"):
+        with pool.open() as sb:
+            workdir = sb._holder[0].workdir
+            sb.run(start_sleeper)
+            assert _wait_until(lambda: len(_procs_with(token)) == 1, 5)
+            raise RuntimeError("boom")
+    assert not os.path.exists(workdir) and _wait_until(lambda: not _procs_with(token), 5)
+    with pytest.raises(sandbox.SandboxError, match="closed"):
+        sb.run("1")
+    leftover = pool.open()                  # left open: pool.close() must take it down too
+    leftover.run(start_sleeper)
+    assert _wait_until(lambda: len(_procs_with(token)) == 1, 5)
+    root, template = pool.root, pool._template.proc
+    pool.close()
+    assert template.poll() is not None and not os.path.exists(root)
+    assert _wait_until(lambda: not _procs_with(token) and not _procs_with(root), 5)
+
+
+def test_a_forked_child_of_the_trainer_does_not_touch_the_sandboxes(pool):
+    with pool.open() as sb:
+        assert sb.run("v = 'kept'").ok
+        pid = os.fork()
+        if pid == 0:                         # what a fork-started DataLoader worker does at exit
+            sandbox._close_all_pools()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert sb.run("print(v)").text == "kept\n" and os.path.isdir(pool.root)
+
+
+# --- must hold: any code, any exit -----------------------------------------------------------------------------------
+
+def test_code_of_any_size_and_content_and_every_way_out_is_reported(pool):
+    with pool.open() as sb:
+        payload = "q'\"\\\n\t\u00e9\u4e2d" * 25_000
+        r = sb.run(f"data = {payload!r}\nprint(len(data), data[:3])")
+        assert len(r.text) < 100 and r.text == f"{len(payload)} {payload[:3]}\n"
+        r = sb.run("print('a')\x00")
+        assert r.status == "error" and "null bytes" in r.error
+        r = sb.run("print('\\udcff')")       # a lone surrogate comes back as valid text
+        assert r.ok and r.text.encode("utf-8")
+        assert sb.run("kept = 1").ok
+        r = sb.run("print('before')\nimport sys\nsys.exit(3)")
+        assert (r.status, r.text, r.error, r.state_reset) == ("exit", "before\n", "SystemExit: 3", False)
+        assert sb.run("exit()").status == "exit" and sb.run("print(kept)").text == "1\n"
+        r = sb.run("raise KeyboardInterrupt")
+        assert r.status == "error" and "KeyboardInterrupt" in r.error
+        r = sb.run("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nimport time\ntime.sleep(1)")
+        assert r.status == "error" and "KeyboardInterrupt" in r.error
+        r = sb.run("def f():\n    return f()\nf()")
+        assert r.status == "error" and "RecursionError" in r.error and len(r.error) < 8100
+        r = sb.run("import ctypes\nctypes.string_at(0)")
+        assert r.status == "crashed" and "SIGSEGV" in r.error and r.state_reset
+        r = sb.run("import os\nos._exit(7)")
+        assert r.status == "crashed" and "exited with code 7" in r.error
+        r = sb.run("import sys, json\nsys.setrecursionlimit(10**8)\njson.loads('[' * 10**7)")   # C-stack overflow
+        assert r.status == "crashed" and "SIGSEGV" in r.error
+        assert sb.run("print('still here')").text == "still here\n"
+
+
+def test_traceback_is_trimmed_to_the_users_cells(pool):
+    with pool.open() as sb:
+        assert sb.run("def bad(x):\n    return x['missing']").ok
+        r = sb.run("bad({})")
+        assert r.status == "error"
+        assert '"<cell 1>", line 2' in r.error and '"<cell 2>", line 1' in r.error and "return x['missing']" in r.error
+        assert r.error.endswith("KeyError: 'missing'") and "sandbox.py" not in r.error
+        r = sb.run("x = (1,\n")
+        assert "SyntaxError" in r.error and "sandbox.py" not in r.error
+
+
+# --- pool ------------------------------------------------------------------------------------------------------------
+
+def test_pool_runs_many_trajectories_concurrently_and_attributes_each_result():
+    with SandboxPool(spares=4, max_running=4, timeout=1.5) as pool:
+        boxes = [pool.open() for _ in range(16)]
+        assert all(r.ok for r in pool.run_many([(sb, f"me = {i}") for i, sb in enumerate(boxes)]))
+        codes = ["import time\ntime.sleep(10)", "raise ValueError(f'bad {me}')", "print(me)", "print(me * 100)"]
+        results = pool.run_many([(sb, codes[i % 4]) for i, sb in enumerate(boxes)])
+        for i, r in enumerate(results):
+            expected = [("timeout", ""), ("error", ""), ("ok", f"{i}\n"), ("ok", f"{i * 100}\n")][i % 4]
+            assert (r.status, r.text) == expected
+            if i % 4 == 1:
+                assert r.error.endswith(f"ValueError: bad {i}")
+        again = pool.run_many([(sb, "print(me)") for sb in boxes])
+        assert [r.text for r in again] == ["" if i % 4 == 0 else f"{i}\n" for i in range(16)]
+        for sb in boxes:
+            sb.close()
+
+
+def test_pool_bounds_live_sandboxes():
+    with SandboxPool(max_live=2, spares=0) as pool:
+        a, b = pool.open(), pool.open()
+        opened = threading.Event()
+        third = []
+        thread = threading.Thread(target=lambda: (third.append(pool.open()), opened.set()))
+        thread.start()
+        assert not opened.wait(0.5)          # a third live sandbox waits for a slot
+        a.close()
+        assert opened.wait(10)
+        thread.join()
+        assert third[0].run("print(1)").text == "1\n"
+        b.close()
+        third[0].close()
+
+
+def test_bad_inputs_name_the_input(pool, tmp_path):
+    with pytest.raises(TypeError, match=r"images\[1\]"):
+        pool.open(images=[Image.new("RGB", (8, 8)), 123])
+    with pytest.raises(FileNotFoundError, match=r"images\[0\]"):
+        pool.open(images=[tmp_path / "missing.png"])
+    with pytest.raises(FileNotFoundError, match="video"):
+        pool.open(video=tmp_path / "missing.mp4")
+    with pytest.raises(TypeError, match="colour"):
+        pool.open(colour="red")
+    with pytest.raises(ValueError, match="timeout"):
+        SandboxConfig(timeout=0)
+    with pytest.raises(ValueError, match="isolation"):
+        SandboxPool(isolation="chroot")
+    with pool.open() as sb, pytest.raises(TypeError, match="code must be a str"):
+        sb.run(b"print(1)")
+
+
+# --- fallback --------------------------------------------------------------------------------------------------------
+
+def test_basic_isolation_still_kills_escaped_trees_and_scrubs_the_environment():
+    token = uuid.uuid4().hex
+    with SandboxPool(isolation="basic", spares=0, timeout=2) as pool:
+        assert pool.isolation == "basic"
+        with pool.open() as sb:
+            r = sb.run(textwrap.dedent(f"""
+                import os, time
+                if os.fork() == 0:
+                    os.setsid()
+                    if os.fork() == 0:
+                        os.execv("/bin/sh", ["sh", "-c", "sleep 600 # {token}"])
+                    os._exit(0)
+                time.sleep(100)
+            """))
+            assert r.status == "timeout" and r.state_reset
+            assert _wait_until(lambda: not _procs_with(token), 5)
+            r = sb.run(f"import os\nprint(sorted(os.environ))\ntry:\n    os.kill({os.getpid()}, 0)\n"
+                       "except PermissionError:\n    print('blocked')")
+            assert set(eval(r.text.splitlines()[0])) <= set(sandbox._template_env("/x"))
+            if pool.own_uids:
+                assert r.text.splitlines()[1] == "blocked"
+
+
+def test_unavailable_namespaces_fall_back_with_a_single_warning(monkeypatch):
+    def deny(pid):
+        raise PermissionError("denied for the test")
+    monkeypatch.setattr(sandbox, "_write_id_maps", deny)
+    monkeypatch.setattr(sandbox, "_NAMESPACE_FAILURE", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pools = [SandboxPool(spares=0), SandboxPool(spares=0)]
+    try:
+        assert [p.isolation for p in pools] == ["basic", "basic"]
+        assert [str(w.message) for w in caught if w.category is RuntimeWarning and "namespaces" in str(w.message)]
+        assert len([w for w in caught if "namespaces are unavailable" in str(w.message)]) == 1
+        with pools[0].open() as sb:
+            assert sb.run("print(1 + 1)").text == "2\n"
+        with pytest.raises(sandbox.SandboxError):
+            SandboxPool(isolation="namespaces", spares=0)
+    finally:
+        for p in pools:
+            p.close()
+
+
+def test_exec_result_defaults():
+    r = ExecResult("ok")
+    assert r.ok and r.images == [] and r.notes == [] and r.error is None and not r.state_reset

@@ -1,0 +1,126 @@
+"""train.py: the update lowers the loss on a fixed batch and touches only action tokens; 2-rank torchrun (gloo) gives the
+same update as one rank; a run resumed from a checkpoint continues exactly like an uninterrupted one."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import models
+import rollout
+import train
+from sandbox import SandboxPool
+
+ROOT = Path(train.__file__).parent
+
+
+@pytest.fixture(scope="module")
+def expert_batch(tiny_dir, image_tasks_dir):
+    """Scripted-expert trajectories on 2 tasks x 4 samples: half of the first attempts fail (reward 0)."""
+    _, p = models.load_policy(tiny_dir)
+    tasks = data.load_tasks(image_tasks_dir / "tasks.json")[0][:2]
+    with SandboxPool(timeout=20) as pool:
+        trajs = rollout.rollout(tasks, rollout.ScriptedExpert(p, recover_rate=0.5), p, pool.open,
+                                rollout.RolloutConfig(max_turns=3), n=4)
+    rollout.score_trajectories(trajs, p)
+    import ofr
+    adv = ofr.group_advantages([t.reward for t in trajs], [t.group_id for t in trajs])
+    assert len(set(adv.round(6))) > 1
+    return trajs, adv.tolist()
+
+
+def surrogate(model, trajs, adv, p, old):
+    """The PPO surrogate of the batch under fixed old log-probs (what one update step minimises)."""
+    batch = train.collate(trajs, p, "cpu")
+    logp, _ = train.token_logprobs(model, batch)
+    mask = batch["action_mask"][:, 1:].float()
+    loss, _ = train.ppo_token_loss(logp, old, torch.tensor(adv)[:, None], 0.2, 0.2, 3.0)
+    return float((loss * mask).sum() / mask.sum())
+
+
+def test_one_step_changes_weights_and_lowers_the_loss(tiny_dir, expert_batch):
+    trajs, adv = expert_batch
+    model, p = models.load_policy(tiny_dir)
+    model.model.visual.requires_grad_(False)
+    cfg = train.TrainConfig(lr=1e-4, micro_batch=3)
+    with torch.no_grad():
+        old, _ = train.token_logprobs(model, train.collate(trajs, p, "cpu"))
+        before = surrogate(model, trajs, adv, p, old)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr)
+    stats = train.update(model, optimizer, trajs, adv, cfg, p, train.Dist())
+    assert stats.tokens == sum(sum(t.action_mask) for t in trajs) and stats.grad_norm > 0
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, weights[k])]
+    assert any("language_model" in k for k in changed)
+    assert not any(".visual." in k or k.startswith("model.visual") for k in changed)   # vision tower frozen
+    with torch.no_grad():
+        assert surrogate(model, trajs, adv, p, old) < before
+
+
+def test_masked_tokens_get_exactly_zero_gradient(tiny_dir, expert_batch):
+    trajs, adv = expert_batch
+    model, p = models.load_policy(tiny_dir)
+    batch = train.collate(trajs, p, "cpu")
+    logp, _ = train.token_logprobs(model, batch)
+    logp.retain_grad()
+    mask = batch["action_mask"][:, 1:].float()
+    loss, _ = train.ppo_token_loss(logp, logp.detach(), torch.tensor(adv)[:, None], 0.2, 0.2, 3.0)
+    ((loss * mask).sum() / mask.sum()).backward()
+    grad = logp.grad
+    assert torch.count_nonzero(grad[mask == 0]) == 0                   # prompt, observations, padding
+    nonzero_adv = torch.tensor(adv)[:, None].expand_as(mask) != 0
+    assert bool((grad[(mask == 1) & nonzero_adv] != 0).all())          # every action token with A != 0 learns
+    # the observation tokens exist and are masked: their targets never enter the loss
+    assert any(t.response_len > sum(t.action_mask) for t in trajs)
+
+
+def test_ppo_loss_clipping_and_dual_clip():
+    logp, old = torch.log(torch.tensor([[1.5, 0.5, 5.0]])), torch.zeros(1, 3)
+    pos, _ = train.ppo_token_loss(logp, old, torch.tensor([[1.0]]), 0.2, 0.2, 3.0)
+    assert torch.allclose(pos, torch.tensor([[-1.2, -0.5, -1.2]]))      # ratio capped at 1.2 for A > 0
+    neg, _ = train.ppo_token_loss(logp, old, torch.tensor([[-1.0]]), 0.2, 0.2, 3.0)
+    assert torch.allclose(neg, torch.tensor([[1.5, 0.8, 3.0]]))         # floor 0.8; dual clip caps at c = 3
+
+
+def run_train(out, *extra, ranks=1, steps=1):
+    args = ["train.py", "--preset", "tiny", "--engine", "scripted", "--max-steps", str(steps), "--output-dir", str(out),
+            "--lr", "1e-3", "--save-every", "1", "--html-every", "0", *extra]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *args] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_give_the_same_update_as_one(tmp_path, tiny_dir, image_tasks_dir):
+    common = ["--model", str(tiny_dir), "--data", str(image_tasks_dir / "tasks.json")]
+    one = run_train(tmp_path / "one", *common)
+    two = run_train(tmp_path / "two", *common, ranks=2)
+    for key in ("reward/mean", "ofr/trajectories_kept", "train/tokens"):
+        assert one[0][key] == two[0][key], key
+    assert one[0]["loss/policy"] == pytest.approx(two[0]["loss/policy"], rel=1e-5, abs=1e-7)
+    a = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    start = load_file(tiny_dir / "model.safetensors")
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_resume_continues_exactly(tmp_path, tiny_dir, image_tasks_dir):
+    common = ["--model", str(tiny_dir), "--data", str(image_tasks_dir / "tasks.json")]
+    straight = run_train(tmp_path / "straight", *common, steps=3)
+    run_train(tmp_path / "resumed", *common, steps=2)
+    resumed = run_train(tmp_path / "resumed", *common, "--resume", steps=3)
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for key in ("reward/mean", "loss/policy", "grad/norm", "ofr/trajectories_kept", "tool/calls_mean"):
+        assert resumed[2][key] == straight[2][key], key
+    # a half-written checkpoint is never picked up: only complete step_* directories count
+    (tmp_path / "resumed" / "ckpt" / ".tmp_step_000009").mkdir()
+    assert train.latest_checkpoint(tmp_path / "resumed").name == "step_000003"

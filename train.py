@@ -1,0 +1,643 @@
+"""train.py — GRPO with oversampling-filtering-ranking and the accumulative tool reward (method.md §5, §6, §12).
+
+What this file is
+    The training loop of PyVision-RL. One step:
+      1. oversample: roll out generation batches of prompts x group_size (rollout.py), score them (reward.py);
+      2. filter and rank (ofr.py) until `train_groups` groups survive, with mean-centred group advantages;
+      3. update: PPO-clip (separate low/high clip, dual-clip) over the kept trajectories with a token-mean loss on the
+         model's own tokens only (prompt and tool-output tokens are masked), old log-probs from the training model over
+         the full interleaved sequence with every image;
+      4. push the new weights to the rollout engine (vLLM), log, checkpoint, evaluate.
+
+How to run
+    python train.py --preset tiny --max-steps 5 --output-dir runs/tiny-rl                    # CPU, one process
+    torchrun --nproc_per_node=2 train.py --preset tiny --output-dir runs/tiny-rl             # CPU, gloo DDP
+    torchrun --nproc_per_node=8 train.py --preset paper-image --data rl.json --output-dir runs/img   # 8 GPUs, vLLM
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 train.py --preset paper-video ...  # multi-node
+    python train.py --output-dir runs/tiny-rl --resume                                       # continue a stopped run
+
+Distribution
+    Every rank rolls out its share of each generation batch. The rank-local trajectories are summarised (group, reward,
+    end reason, ...) and gathered, so group statistics and OFR see all ranks and pick the same trajectories everywhere;
+    each rank then trains on its kept trajectories. The token-mean loss is normalised by the global token count, so N
+    ranks give the same update as one rank on the same data (tests/test_train.py checks this with gloo).
+
+Differences from the paper / official code
+    * With one optimiser step per RL step (the default, on-policy) the old log-probs equal the current ones; we reuse
+      the detached log-probs of the update's own forward instead of a second pass (same numbers, one pass fewer). With
+      `mini_batches > 1` they are recomputed before the update, as the official code does.
+    * No reference model is loaded unless `kl_coef > 0` (the paper uses no KL).
+    * OFR keeps whole groups by default (ofr.py lists the other differences).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import models
+import ofr
+import reward
+import rollout
+from rollout import Trajectory
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    preset: str = _f("tiny", "starting values: tiny (CPU, tiny model, synthetic tasks), paper-image, paper-video")
+    model: str = _f("", "checkpoint name or path; empty with the tiny preset builds a tiny model in OUTPUT_DIR/model")
+    data: str = _f("", "training tasks (official RL or validation format); empty with tiny: synthetic tasks are written")
+    eval_data: str = _f("", "held-out tasks for periodic evaluation (empty: no periodic evaluation)")
+    output_dir: str = _f("runs/train", "where the config, metrics.jsonl, checkpoints and the final model go")
+    resume: bool = _f(False, "continue from the newest checkpoint in OUTPUT_DIR")
+    engine: str = _f("hf", "rollout engine: hf (transformers generate), vllm (GPU), scripted (expert, for checks)")
+    max_steps: int = _f(20, "RL steps")
+    seed: int = _f(0, "seed for data order, sampling and the scripted expert")
+    # batch shape (paper: 32 prompts generated per batch, 16 trained per step, 8 rollouts each)
+    group_size: int = _f(8, "rollouts per prompt (GRPO group)")
+    gen_batch_prompts: int = _f(32, "prompts per generation batch (the oversampling batch)")
+    train_groups: int = _f(16, "groups trained on per step (the training batch)")
+    max_draws: int = _f(4, "cap on generation batches per step; at the cap, train on what survived")
+    mini_batches: int = _f(1, "optimiser steps per RL step (1 = on-policy)")
+    micro_batch: int = _f(4, "trajectories per forward/backward (gradient accumulation inside a mini-batch)")
+    # optimisation
+    lr: float = _f(1e-6, "AdamW learning rate (constant)")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "max gradient norm")
+    clip_low: float = _f(0.2, "PPO ratio clip below 1")
+    clip_high: float = _f(0.2, "PPO ratio clip above 1")
+    dual_clip: float = _f(3.0, "dual-clip constant c for negative advantages (0 disables)")
+    loss_agg: str = _f("token-mean", "token-mean (paper) or seq-mean-token-mean")
+    kl_coef: float = _f(0.0, "KL-to-reference coefficient; 0 loads no reference model (paper)")
+    kl_estimator: str = _f("k3", "k1 or k3")
+    train_vision: bool = _f(False, "also train the vision tower (paper: frozen)")
+    dtype: str = _f("float32", "parameter dtype: float32 or bfloat16")
+    # reward and OFR (the paper's ablation switches)
+    tool_coef: float = _f(0.1, "accumulative tool reward per call, paid only when correct (0 = ablation)")
+    std_sort: bool = _f(True, "rank groups by reward std (False: first come, first kept)")
+    std_norm: bool = _f(False, "divide advantages by the group std (ablation)")
+    whole_groups: bool = _f(True, "OFR keeps whole groups (False: official per-trajectory cut)")
+    adv_timing: str = _f("before_filter", "group baseline before_filter (official) or after_filter")
+    require_image: bool = _f(False, "OFR drops trajectories that never got an image back (official hasimage filter)")
+    # rollout
+    max_turns: int = _f(5, "generation rounds per trajectory (max_turns-1 tool calls: the paper's turn budget 4)")
+    max_response_tokens: int = _f(20480, "token budget after the prompt, observations and images included")
+    max_turn_tokens: int = _f(10240, "token budget of one generation round")
+    temperature: float = _f(1.0, "rollout sampling temperature")
+    top_p: float = _f(1.0, "rollout nucleus sampling")
+    on_error: str = _f("terminate", "code errors end the trajectory (paper) or are fed back (feedback)")
+    video_context: str = _f("on_demand", "on_demand (video only in the sandbox) or full_context (frames in the prompt)")
+    tool_timeout_s: float = _f(30.0, "wall-clock limit of one tool call")
+    # logging, checkpoints, evaluation
+    save_every: int = _f(10, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _f(2, "newest checkpoints kept on disk")
+    eval_every: int = _f(0, "evaluate on EVAL_DATA every N steps (0: never)")
+    html_every: int = _f(5, "write a few trajectories to the HTML viewer every N steps")
+    collapse_alarm: float = _f(0.5, "warn when tool calls/trajectory fall this fraction below the first step's")
+    tensorboard: bool = _f(False, "also log to TensorBoard (needs the tensorboard package)")
+    wandb: str = _f("", "Weights & Biases project to log to (needs wandb)")
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(group_size=4, gen_batch_prompts=4, train_groups=2, max_draws=3, micro_batch=4, lr=1e-4,
+                 max_turns=3, max_response_tokens=1024, max_turn_tokens=192, tool_timeout_s=10.0, save_every=5),
+    "paper-image": dict(model="Agents-X/PyVision-Image-7B-SFT", engine="vllm", dtype="bfloat16", group_size=8,
+                        gen_batch_prompts=32, train_groups=16, lr=1e-6, max_turns=5, tool_coef=0.1, kl_coef=0.0,
+                        clip_low=0.2, clip_high=0.2, dual_clip=3.0, loss_agg="token-mean", max_steps=700,
+                        save_every=10, eval_every=20),
+    "paper-video": dict(model="Agents-X/PyVision-Video-7B-SFT", engine="vllm", dtype="bfloat16", group_size=8,
+                        gen_batch_prompts=32, train_groups=16, lr=1e-6, max_turns=5, tool_coef=0.1, kl_coef=0.0,
+                        clip_low=0.2, clip_high=0.2, dual_clip=3.0, loss_agg="token-mean", max_steps=700,
+                        save_every=10, eval_every=20),
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> argparse.ArgumentParser:
+    """One flag per dataclass field (`--max-steps` for `max_steps`), help from the field's metadata. Defaults are None so
+    callers can tell given flags from defaults (presets apply underneath given flags). Shared by sft.py and eval.py."""
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        text = f.metadata["help"].replace("%", "%%") + f" (default: {f.default!r})"
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None, help=text)
+    return parser
+
+
+def given_flags(namespace: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(namespace).items() if v is not None}
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Preset values apply unless a flag is given."""
+    parser = add_config_flags(argparse.ArgumentParser(description="GRPO + OFR training (PyVision-RL)."), TrainConfig)
+    given = given_flags(parser.parse_args(argv))
+    preset = given.get("preset", TrainConfig.preset)
+    if preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return TrainConfig(**(PRESETS[preset] | given))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Distributed helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun sets RANK/WORLD_SIZE: gloo on CPU, nccl on GPU; a plain `python train.py` is one process."""
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        device = torch.device("cuda", local)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        dist.init_process_group("gloo")
+        device = torch.device("cpu")
+    return Dist(rank, world, local, device)
+
+
+def all_gather_objects(obj, d: Dist) -> list:
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(value: float, d: Dist) -> float:
+    if d.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling: generation batches -> OFR
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrajSummary:
+    """What OFR needs of a trajectory, small enough to gather from every rank."""
+    group_id: int
+    reward: float
+    correct: bool
+    end_reason: str
+    num_tool_calls: int
+    num_returned_images: int
+    vision_consistent: bool
+    sample_index: int
+    rank: int
+    local_index: int
+
+
+class PromptStream:
+    """An endless, seeded, resumable stream of tasks: a fresh permutation every epoch."""
+
+    def __init__(self, tasks: Sequence[data.Task], seed: int, epoch: int = 0, cursor: int = 0):
+        self.tasks, self.seed, self.epoch, self.cursor = list(tasks), seed, epoch, cursor
+
+    def _order(self) -> list[int]:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.tasks)).tolist()
+
+    def take(self, n: int) -> list[data.Task]:
+        out, order = [], self._order()
+        while len(out) < n:
+            if self.cursor == len(order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                order = self._order()
+            out.append(self.tasks[order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The update
+# ---------------------------------------------------------------------------------------------------------------------
+
+def collate(trajs: Sequence[Trajectory], processor: models.VLProcessor, device) -> dict:
+    """Right-padded batch over whole trajectories, with every image of every trajectory in order."""
+    width = max(len(t.input_ids) for t in trajs)
+    ids = torch.full((len(trajs), width), processor.pad_id, dtype=torch.long)      # (B, T)
+    attention = torch.zeros_like(ids)                                               # (B, T)
+    action = torch.zeros_like(ids)                                                  # (B, T)
+    for b, t in enumerate(trajs):
+        ids[b, :len(t.input_ids)] = torch.tensor(t.input_ids)
+        attention[b, :len(t.input_ids)] = 1
+        action[b, :len(t.action_mask)] = torch.tensor(t.action_mask)
+    batch = {"input_ids": ids, "attention_mask": attention, "mm_token_type_ids": processor.mm_token_type_ids(ids)}
+    pixel_values = [pv for t in trajs for pv in t.pixel_values]
+    if pixel_values:
+        batch["pixel_values"] = torch.cat(pixel_values)                              # (sum patches, dim)
+        batch["image_grid_thw"] = torch.tensor([g for t in trajs for g in t.image_grid_thw])
+    videos = [t.video_inputs for t in trajs if t.video_inputs]
+    if videos:
+        batch.update({k: torch.cat([v[k] for v in videos]) for k in videos[0]})
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return batch | {"action_mask": action.to(device)}
+
+
+def token_logprobs(model, batch: dict, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of each next token: (B, T-1) for targets input_ids[:, 1:]; optional entropy of each prediction."""
+    inputs = {k: v for k, v in batch.items() if k != "action_mask"}
+    logits = model(**inputs).logits[:, :-1].float()                                 # (B, T-1, V)
+    targets = batch["input_ids"][:, 1:]                                             # (B, T-1)
+    # log_softmax gathered at the target, without materialising the (B, T-1, V) log-softmax a second time
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)   # (B, T-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            probs = logits.softmax(-1)                                              # (B, T-1, V)
+            entropy = logits.logsumexp(-1) - (probs * logits).sum(-1)               # (B, T-1)
+    return logp, entropy
+
+
+def ppo_token_loss(logp, old_logp, advantages, clip_low: float, clip_high: float, dual_clip: float):
+    """Per-token PPO-clip loss with dual-clip (method.md §5). logp, old_logp: (B, T); advantages: (B, 1) or (B, T)."""
+    ratio = torch.exp(logp - old_logp)                                              # (B, T)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)                                        # (B, T)
+    if dual_clip > 0:  # a negative advantage with a huge ratio would otherwise dominate the step
+        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
+    clip_frac = (clipped > unclipped).float()                                       # (B, T) where clipping bound
+    return loss, clip_frac
+
+
+def kl_penalty(logp, ref_logp, estimator: str):
+    log_ratio = ref_logp - logp                                                     # (B, T)
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":  # unbiased, always >= 0 (Schulman's k3)
+        return torch.exp(log_ratio) - log_ratio - 1
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1 or k3")
+
+
+@dataclass
+class UpdateStats:
+    loss: float = 0.0
+    kl: float = 0.0
+    entropy: float = 0.0
+    clip_frac: float = 0.0
+    grad_norm: float = 0.0
+    tokens: float = 0.0
+
+
+def update(model, optimizer, trajs: Sequence[Trajectory], advantages: Sequence[float], cfg: TrainConfig,
+           processor: models.VLProcessor, d: Dist, ref_model=None) -> UpdateStats:
+    """PPO-clip on the kept trajectories of this rank. Normalisers are global (all ranks), so the update does not
+    depend on how trajectories are split over ranks; every rank runs the same number of backward passes."""
+    stats = UpdateStats()
+    pairs = list(zip(trajs, advantages))
+    chunks = [pairs[i::cfg.mini_batches] for i in range(cfg.mini_batches)]
+    old = {}
+    if cfg.mini_batches > 1:  # off-policy within the step: freeze log-probs of the sampling weights first
+        with torch.no_grad():
+            for start in range(0, len(pairs), cfg.micro_batch):
+                part = [t for t, _ in pairs[start:start + cfg.micro_batch]]
+                logp, _ = token_logprobs(model, collate(part, processor, d.device))
+                for k, t in enumerate(part):
+                    old[id(t)] = logp[k]
+    for chunk in chunks:
+        # global normalisers: the mean over every action token (or sequence) of this mini-batch on every rank
+        tokens = all_reduce_sum(float(sum(sum(t.action_mask) for t, _ in chunk)), d)
+        seqs = all_reduce_sum(float(len(chunk)), d)
+        micro = [chunk[i:i + cfg.micro_batch] for i in range(0, len(chunk), cfg.micro_batch)]
+        n_micro = max(all_gather_objects(len(micro), d))
+        optimizer.zero_grad(set_to_none=True)
+        for m in range(n_micro):
+            # ranks with fewer kept trajectories repeat a real one with zero weight, so DDP's collectives line up
+            part, weight = (micro[m], 1.0) if m < len(micro) else ((micro or [[pairs[0]]])[0][:1], 0.0)
+            batch = collate([t for t, _ in part], processor, d.device)
+            mask = batch["action_mask"][:, 1:].float()                              # (B, T-1): targets that are actions
+            adv = torch.tensor([a for _, a in part], dtype=torch.float32, device=d.device)[:, None]   # (B, 1)
+            logp, entropy = token_logprobs(model, batch, with_entropy=True)
+            old_logp = torch.stack([_pad_to(old[id(t)], logp.shape[1]) for t, _ in part]) if old else logp.detach()
+            loss_tok, clip_frac = ppo_token_loss(logp, old_logp, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+            if ref_model is not None and cfg.kl_coef > 0:
+                with torch.no_grad():
+                    ref_logp, _ = token_logprobs(ref_model, batch)
+                kl = kl_penalty(logp, ref_logp, cfg.kl_estimator)
+                loss_tok = loss_tok + cfg.kl_coef * kl
+                stats.kl += float((kl * mask).sum()) / max(tokens, 1)
+            if cfg.loss_agg == "token-mean":
+                loss = (loss_tok * mask).sum() / max(tokens, 1.0)
+            elif cfg.loss_agg == "seq-mean-token-mean":
+                loss = ((loss_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / max(seqs, 1.0)
+            else:
+                raise ValueError(f"unknown loss_agg {cfg.loss_agg!r}")
+            # DDP averages gradients over ranks; scaling by world turns that average into the global sum we want
+            (loss * weight * d.world).backward()
+            stats.loss += loss.item() * weight
+            stats.entropy += float((entropy * mask).sum()) * weight / max(tokens, 1)
+            stats.clip_frac += float((clip_frac * mask).sum()) * weight / max(tokens, 1)
+            stats.tokens += float(mask.sum()) * weight
+        params = [p for p in model.parameters() if p.requires_grad]
+        stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        optimizer.step()
+    for name in ("loss", "kl", "entropy", "clip_frac"):
+        setattr(stats, name, all_reduce_sum(getattr(stats, name), d) / cfg.mini_batches)
+    stats.tokens = all_reduce_sum(stats.tokens, d)
+    return stats
+
+
+def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    return F.pad(x, (0, length - x.shape[0])) if x.shape[0] < length else x[:length]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: atomic directories, newest wins
+# ---------------------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(out: Path, step: int, model, optimizer, processor, stream: PromptStream, extra: dict, d: Dist,
+                    keep: int) -> None:
+    """Write ckpt/step_N atomically: everything goes to a temp dir that is renamed only when complete."""
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    rngs = all_gather_objects(rng, d)           # each rank's RNG state, so resumed ranks continue exactly
+    if not d.main:
+        if d.world > 1:
+            dist.barrier()
+        return
+    final, tmp = out / "ckpt" / f"step_{step:06d}", out / "ckpt" / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    unwrap(model).save_pretrained(tmp / "model")
+    processor.save_pretrained(tmp / "model")
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rngs}, tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "stream": stream.state(), **extra}))
+    os.replace(tmp, final)
+    for old in sorted((out / "ckpt").glob("step_*"))[:-keep]:
+        shutil.rmtree(old)
+    if d.world > 1:
+        dist.barrier()
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "ckpt").glob("step_*"))
+    return found[-1] if found else None
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.jsonl always; TensorBoard and W&B when asked for. Rank 0 only."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, enabled: bool):
+        self.enabled, self.path = enabled, out / "metrics.jsonl"
+        self.tb = self.wandb = None
+        if enabled and cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tb"))
+        if enabled and cfg.wandb:
+            import wandb
+            self.wandb = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg), dir=str(out))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+
+def rollout_metrics(trajs: Sequence[TrajSummary | Trajectory], local: Sequence[Trajectory]) -> dict:
+    """Batch statistics over every drawn trajectory (all ranks) plus length statistics of this rank's."""
+    calls = np.array([t.num_tool_calls for t in trajs], dtype=float)
+    rewards = np.array([t.reward for t in trajs], dtype=float)
+    ends = [t.end_reason for t in trajs]
+    out = {"reward/mean": float(np.nanmean(rewards)), "acc/mean": float(np.mean([t.correct for t in trajs])),
+           "tool/calls_mean": float(calls.mean()), "tool/calls_max": float(calls.max()),
+           "tool/zero_ratio": float((calls == 0).mean())}
+    out |= {f"end/{r}": ends.count(r) / len(ends) for r in sorted(set(ends))}
+    if local:
+        parts = [t.reward_parts for t in local if t.reward_parts is not None]
+        out |= reward.reward_stats(parts)
+        out["rollout/turns_mean"] = float(np.mean([len(t.turns) for t in local]))
+        out["rollout/response_len_mean"] = float(np.mean([sum(t.action_mask) for t in local]))
+        out["rollout/obs_len_mean"] = float(np.mean([t.response_len - sum(t.action_mask) for t in local]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------------------------------------------
+
+def prepare_inputs(cfg: TrainConfig, out: Path, d: Dist) -> tuple[str, list[data.Task]]:
+    """Resolve the model path and the tasks. The tiny preset builds its model and synthetic tasks on rank 0."""
+    model_path, data_path = cfg.model, cfg.data
+    if cfg.preset == "tiny":
+        model_path = model_path or str(out / "model")
+        data_path = data_path or str(out / "data" / "tasks.json")
+        if d.main and not Path(model_path, "config.json").exists():
+            models.build_tiny(model_path, seed=cfg.seed, size="test")
+        if d.main and not Path(data_path).exists():
+            data.generate_image_tasks(64, seed=cfg.seed + 1000, out_dir=Path(data_path).parent)
+        if d.world > 1:
+            dist.barrier()
+    if not model_path or not data_path:
+        raise SystemExit("--model and --data are required outside the tiny preset")
+    tasks, _ = data.load_tasks(data_path)
+    return model_path, tasks
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(argv)
+    d = init_distributed()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if d.main:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    random.seed(cfg.seed + d.rank)
+    np.random.seed(cfg.seed + d.rank)
+    torch.manual_seed(cfg.seed + d.rank)
+
+    model_path, tasks = prepare_inputs(cfg, out, d)
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    model, processor = models.load_policy(resume_from / "model" if resume_from else model_path, dtype=cfg.dtype,
+                                          device=str(d.device))
+    if not cfg.train_vision:
+        model.model.visual.requires_grad_(False)   # the paper freezes the vision tower
+    ref_model = models.load_policy(model_path, dtype=cfg.dtype, device=str(d.device))[0].eval() if cfg.kl_coef > 0 else None
+    judge = None
+    reward.check_routable(((t.data_source, t.ability) for t in tasks), judge)   # fail now, not mid-step
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
+
+    stream, start_step, extra = PromptStream(tasks, cfg.seed), 0, {"first_tool_calls": None}
+    if resume_from:
+        meta = json.loads((resume_from / "meta.json").read_text())
+        state = torch.load(resume_from / "state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        rng = state["rng"][d.rank]
+        random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+        stream = PromptStream(tasks, cfg.seed, **meta["stream"])
+        start_step, extra = meta["step"], {"first_tool_calls": meta.get("first_tool_calls")}
+
+    engine = make_train_engine(cfg, model, processor, model_path)
+    rollout_cfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
+                                        max_turn_tokens=cfg.max_turn_tokens, on_error=cfg.on_error,
+                                        tool_timeout_s=cfg.tool_timeout_s, video_context=cfg.video_context)
+    ofr_cfg = ofr.OFRConfig(train_groups=cfg.train_groups, group_size=cfg.group_size, max_draws=cfg.max_draws,
+                            std_sort=cfg.std_sort, std_norm=cfg.std_norm, whole_groups=cfg.whole_groups,
+                            adv_timing=cfg.adv_timing, require_image=cfg.require_image)
+    log = MetricsLog(out, cfg, d.main)
+    from sandbox import SandboxPool
+    with SandboxPool(timeout=cfg.tool_timeout_s) as sandboxes:
+        for step in tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
+                         disable=not d.main, desc="RL steps"):
+            t_step = time.perf_counter()
+            # 1) oversample -> roll out -> score; OFR filters and ranks over every rank's trajectories
+            model.eval()
+            drawn: list[Trajectory] = []
+            summaries: list[TrajSummary] = []
+            timing = {"rollout": 0.0}
+
+            def draw() -> list[TrajSummary]:
+                t0 = time.perf_counter()
+                prompts = stream.take(cfg.gen_batch_prompts)           # identical on every rank
+                mine = list(range(d.rank, len(prompts), d.world))      # this rank's share of the groups
+                trajs = rollout.rollout([prompts[g] for g in mine], engine, processor, sandboxes.open, rollout_cfg,
+                                        n=cfg.group_size)
+                for t in trajs:                                          # group id = prompt's place in the batch
+                    t.group_id = mine[t.group_id]
+                rollout.score_trajectories(trajs, processor, cfg.tool_coef, judge)
+                base = len(drawn)
+                drawn.extend(trajs)
+                local = [TrajSummary(t.group_id, t.reward, t.correct, t.end_reason, t.num_tool_calls,
+                                     t.num_returned_images, t.vision_consistent, t.sample_index, d.rank, base + k)
+                         for k, t in enumerate(trajs)]
+                # batch order must not depend on the number of ranks: OFR keeps arrival order among equal stds
+                batch = sorted((s for part in all_gather_objects(local, d) for s in part),
+                               key=lambda s: (s.group_id, s.sample_index))
+                summaries.extend(batch)
+                timing["rollout"] += time.perf_counter() - t0
+                return batch
+
+            result = ofr.OFRSampler(draw, ofr_cfg).sample()
+            kept = [(drawn[s.local_index], a) for s, a in zip(result.trajectories, result.advantages) if s.rank == d.rank]
+
+            # 2) policy update on the kept trajectories (a colocated vLLM frees its GPU memory meanwhile)
+            if hasattr(engine, "sleep"):
+                engine.sleep()
+            model.train()
+            t0 = time.perf_counter()
+            upd = UpdateStats()
+            if result.trajectories:
+                upd = update(train_model, optimizer, [t for t, _ in kept], [a for _, a in kept], cfg, processor, d,
+                             ref_model)
+            update_s = time.perf_counter() - t0
+
+            # 3) new weights to the rollout engine
+            t0 = time.perf_counter()
+            if hasattr(engine, "sync_weights"):
+                engine.wake_up()
+                engine.sync_weights(unwrap(train_model))
+            sync_s = time.perf_counter() - t0
+
+            # 4) log
+            metrics = rollout_metrics(summaries, drawn) | result.stats.as_log()
+            metrics["adv/neg_correct_frac"] = result.stats.negative_correct_frac_kept   # the paper's Fig. 6 metric
+            metrics |= {"loss/policy": upd.loss, "loss/kl": upd.kl, "loss/entropy": upd.entropy,
+                        "loss/clip_frac": upd.clip_frac, "grad/norm": upd.grad_norm, "train/tokens": upd.tokens,
+                        "perf/rollout_s": timing["rollout"], "perf/tool_s": sum(tu.tool_s for t in drawn for tu in t.turns),
+                        "perf/update_s": update_s, "perf/sync_s": sync_s, "perf/step_s": time.perf_counter() - t_step}
+            if extra["first_tool_calls"] is None:
+                extra["first_tool_calls"] = metrics["tool/calls_mean"]
+            floor = extra["first_tool_calls"] * (1 - cfg.collapse_alarm)
+            metrics["alarm/collapse"] = float(metrics["tool/calls_mean"] < floor)
+            if d.main and metrics["alarm/collapse"]:
+                tqdm.write(f"step {step + 1}: interaction collapse alarm — tool calls/trajectory "
+                           f"{metrics['tool/calls_mean']:.2f} < {floor:.2f} (start {extra['first_tool_calls']:.2f})")
+            log.write(step + 1, metrics)
+            if d.main and cfg.html_every and (step + 1) % cfg.html_every == 0:
+                rollout.write_html(drawn[:8], out / "html" / f"step_{step + 1:06d}.html")
+
+            # 5) checkpoint and evaluate
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+                save_checkpoint(out, step + 1, train_model, optimizer, processor, stream, extra, d, cfg.keep_checkpoints)
+            if cfg.eval_every and cfg.eval_data and (step + 1) % cfg.eval_every == 0 and d.main:
+                periodic_eval(cfg, unwrap(train_model), processor, out, step + 1, log)
+
+    if d.main:
+        unwrap(train_model).save_pretrained(out / "final")
+        processor.save_pretrained(out / "final")
+    if d.world > 1:
+        dist.destroy_process_group()
+
+
+def make_train_engine(cfg: TrainConfig, model, processor, model_path: str):
+    if cfg.engine == "hf":
+        return rollout.make_engine("hf", model, processor, temperature=cfg.temperature, top_p=cfg.top_p)
+    if cfg.engine == "scripted":   # for checks: half of its first attempts fail, so groups have reward variance
+        return rollout.make_engine("scripted", processor=processor, seed=cfg.seed, recover_rate=0.5)
+    return rollout.make_engine("vllm", processor=processor, model_path=model_path, temperature=cfg.temperature,
+                               top_p=cfg.top_p)
+
+
+def periodic_eval(cfg: TrainConfig, model, processor, out: Path, step: int, log: MetricsLog) -> None:
+    import eval as evaluation
+    tasks, _ = data.load_tasks(cfg.eval_data)
+    results = evaluation.evaluate(tasks, rollout.make_engine("hf", model, processor, temperature=0.0), processor,
+                                  evaluation.EvalConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
+                                                        max_turn_tokens=cfg.max_turn_tokens),
+                                  out / "eval" / f"step_{step:06d}")
+    log.write(step, {f"eval/{k}": v for k, v in results["summary"].items() if isinstance(v, (int, float))})
+
+
+if __name__ == "__main__":
+    main()
