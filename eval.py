@@ -614,6 +614,91 @@ def write_reports(results: dict, out: Path, trajectories: Sequence[rollout.Traje
         rollout.write_html(trajectories, out / "trajectories.html", title=f"Evaluation trajectories: {title}")
 
 
+CURVE_KEYS = ("acc/mean", "reward/mean", "tool/calls_mean", "rollout/turns_mean", "adv/neg_correct_frac",
+              "ofr/kept_frac")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no training metrics at {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_training_curves(runs: dict[str, Sequence[str | Path]], path: Path, keys: Sequence[str] = CURVE_KEYS) -> None:
+    """One panel per metric; one line per run label (mean over its seeds, shaded min-max when several)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    cols = 3
+    fig = Figure(figsize=(4.2 * cols, 3.2 * math.ceil(len(keys) / cols)))
+    FigureCanvasAgg(fig)
+    for k, key in enumerate(keys):
+        ax = fig.add_subplot(math.ceil(len(keys) / cols), cols, k + 1)
+        for label, run_dirs in runs.items():
+            series = [{m["step"]: m.get(key) for m in read_metrics(d)} for d in run_dirs]
+            steps = sorted(set.intersection(*(set(s) for s in series)))
+            values = [[s[t] if s[t] is not None else math.nan for s in series] for t in steps]   # (steps, seeds)
+            mean = [statistics.fmean(v) if not any(map(math.isnan, v)) else math.nan for v in values]
+            line, = ax.plot(steps, mean, label=label)
+            if len(run_dirs) > 1:
+                ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2,
+                                color=line.get_color())
+        ax.set(title=key, xlabel="RL step")
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def demo_summary(sft_eval: str | Path, rl_eval: str | Path, train_dir: str | Path, timings_dir: str | Path,
+                 out: str | Path) -> dict:
+    """The CPU demo's summary.json, summary.md and curves.png from its two evaluations and its RL run."""
+    out = Path(out)
+    sft = json.loads((Path(sft_eval) / "results.json").read_text())["summary"]
+    rl = json.loads((Path(rl_eval) / "results.json").read_text())["summary"]
+    stages = {p.stem: float(p.read_text()) for p in sorted(Path(timings_dir).glob("*.s"))}
+    summary = {"sft_acc_tool": sft["acc_tool"], "rl_acc_tool": rl["acc_tool"],
+               "sft_acc_no_tool": sft["acc_no_tool"], "rl_acc_no_tool": rl["acc_no_tool"],
+               "sft_acc": sft["accuracy"], "rl_acc": rl["accuracy"],
+               "sft_tool_calls": sft["tool_calls_mean"], "rl_tool_calls": rl["tool_calls_mean"],
+               "sft_wellformed": sft["wellformed_frac"], "rl_wellformed": rl["wellformed_frac"],
+               "sft_turns": sft["turns_mean"], "rl_turns": rl["turns_mean"],
+               "n_heldout": sft["n_samples"], "stage_wall_s": stages, "wall_s": sum(stages.values())}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(compare([sft_eval, rl_eval]) + "\n")
+    plot_training_curves({"RL (full recipe)": [train_dir]}, out / "curves.png")
+    return summary
+
+
+ABLATION_KEYS = ("acc/mean", "tool/calls_mean", "rollout/turns_mean", "adv/neg_correct_frac")
+
+
+def ablation_report(root: str | Path, last: int = 3) -> str:
+    """Runs under ROOT named LABEL-sSEED: curves.png (mean over seeds, min-max shaded) and a markdown table of the
+    last `last` steps' mean per run, as mean ± spread over seeds."""
+    root = Path(root)
+    runs: dict[str, list[Path]] = defaultdict(list)
+    for run_dir in sorted(p for p in root.iterdir() if (p / "metrics.jsonl").is_file()):
+        runs[run_dir.name.rsplit("-s", 1)[0]].append(run_dir)
+    if not runs:
+        raise FileNotFoundError(f"no run with a metrics.jsonl under {root}")
+    plot_training_curves(runs, root / "curves.png", ABLATION_KEYS)
+    rows = []
+    for label, run_dirs in runs.items():
+        cells = []
+        for key in ABLATION_KEYS:
+            per_seed = []
+            for d in run_dirs:
+                tail = [m[key] for m in read_metrics(d)[-last:] if m.get(key) is not None]
+                if tail:
+                    per_seed.append(statistics.fmean(tail))
+            cells.append(f"{statistics.fmean(per_seed):.3f} ± {(max(per_seed) - min(per_seed)) / 2:.3f}"
+                         if per_seed else "–")
+        rows.append([label, str(len(run_dirs)), *cells])
+    table = _table(["run", "seeds", *(f"{k} (last {last} steps)" for k in ABLATION_KEYS)], rows)
+    (root / "summary.md").write_text(table + "\n")
+    return table
+
+
 COMPARE_ROWS = ("accuracy", "correct_frac", "avg_at_k", "acc_tool", "acc_no_tool", "tool_calls_mean", "turns_mean",
                 "visual_tokens_mean", "wellformed_frac", "wall_s_per_sample", "n_samples", "n_errors")
 
@@ -1008,6 +1093,16 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["prepare"]:
         prepare_main(argv[1:])
+        return None
+    if argv[:1] == ["ablation-report"]:   # used by `make ablations`
+        print(ablation_report(argv[1] if len(argv) > 1 else "runs/ablations"))
+        return None
+    if argv[:1] == ["demo-summary"]:   # used by `make demo`
+        sub = argparse.ArgumentParser(prog="eval.py demo-summary", description=demo_summary.__doc__)
+        for name in ("sft_eval", "rl_eval", "train_dir", "timings_dir", "out"):
+            sub.add_argument("--" + name.replace("_", "-"), required=True)
+        summary = demo_summary(**vars(sub.parse_args(argv[1:])))
+        print(json.dumps({k: v for k, v in summary.items() if k != "stage_wall_s"}, indent=1))
         return None
     cfg, compare_dirs = parse_eval_args(argv)
     if compare_dirs:

@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -329,21 +328,24 @@ def tokenizer_corpus(seed: int = 0) -> list[str]:
 
     It is generated, not read from disk, so the tokenizer (and hence the checkpoint) is byte-identical on every machine.
     """
-    import data  # late import: data.py does not depend on models.py
+    import data      # late imports: neither module needs models.py at import time
+    import rollout
     texts = [s * 20 for s in PROTOCOL_SNIPPETS]
-    for task in data.generate_image_tasks(n=120, seed=seed, out_dir=None):
+    texts += [template * 5 for templates in rollout.BUILTIN_TEMPLATES.values() for template in templates.values()]
+    tasks = data.generate_image_tasks(n=120, seed=seed, out_dir=None) + data.generate_video_tasks(n=40, seed=seed, out_dir=None)
+    for task in tasks:
         texts.append(task.question + "\n" + task.solution_code + f"\n<answer>\n\\boxed{{{task.answer}}}\n</answer>")
-    rng = random.Random(seed)
-    texts += [" ".join(str(rng.randint(0, 999)) for _ in range(200)) for _ in range(10)]
     return texts
 
 
 def build_tokenizer(vocab_size: int, corpus: Sequence[str]):
-    """Byte-level BPE (GPT-2 pre-tokenization) trained on `corpus`, with Qwen's special tokens and chat template."""
+    """Byte-level BPE trained on `corpus`, with Qwen's special tokens and chat template. Like Qwen's tokenizer it
+    splits numbers into single digits, so a number is the same tokens wherever it appears (question, code, output)."""
     from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(tok_models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

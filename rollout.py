@@ -31,7 +31,9 @@ Differences from the official code
     * On EXCEED_MAX_TURNS the last code is not executed (the official code executes it and throws the result away).
     * Errors can be fed back to the model (`on_error="feedback"`, the predecessor PyVision's behaviour) instead of ending
       the trajectory (`"terminate"`, what the paper trained with, the default).
-    * Tool text is truncated to `max_tool_text_chars` (head and tail kept); the official code has no bound.
+    * Tool text is truncated to `max_tool_text_chars` (head and tail kept); the official code has no bound. Sandbox
+      notes (interpreter reset after a timeout, figures dropped or downscaled) are appended to it in brackets.
+    * A call that ends in `sys.exit()` counts as a successful call (the official runtime reports it as an error).
     * `num_tool_calls` counts observations appended to the trajectory (official `tool_call_cnt`).
 """
 from __future__ import annotations
@@ -61,6 +63,8 @@ from models import IMAGE_PAD, IMAGE_PLACEHOLDER, VLProcessor
 # ---------------------------------------------------------------------------------------------------------------------
 
 STOP = "</code>"
+# sandbox statuses that count as a successful call: "exit" is code that called sys.exit() after doing its work
+OK_STATUSES = ("ok", "exit")
 OBS_OPEN = "\n<|im_start|>user\n"
 OBS_CLOSE = "<|im_end|>\n<|im_start|>assistant\n"
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -126,9 +130,25 @@ DEFAULT_TEMPLATES = {
 }
 
 
+# A short wording for the CPU demo: same protocol, same placeholders, ~80 tokens instead of ~1000, so a tiny model
+# trains on 2 cores in minutes. Chosen with `template_key="short"` (no file).
+SHORT_TEMPLATES = {
+    "image": "Answer the question about the image. It is loaded as `image_clue_0` (PIL). When the detail matters, "
+             "run Python: <code>\n```python\ncode\n```\n</code>. Then answer as <answer>\n\\boxed{{answer}}\n"
+             "</answer>.\nImage Width: {width}; Image Height: {height}\nQuestion: {query}",
+    "video": "Answer the question about the video. You cannot see it: it is loaded as `video_clue_0` (decord-style "
+             "reader); show the frames you need with plt.show(). Run Python as <code>\n```python\ncode\n```\n"
+             "</code>. Then answer as <answer>\n\\boxed{{answer}}\n</answer>.\n{video_info}\nQuestion: {query}",
+}
+BUILTIN_TEMPLATES = {"default": DEFAULT_TEMPLATES, "short": SHORT_TEMPLATES}
+
+
 def load_template(template_file: str | Path | None, template_key: str | None, mode: Literal["image", "video"]) -> str:
+    """Without a file, `template_key` picks a built-in set ("default" or "short"); with a file, a key in it."""
     if template_file is None:
-        return DEFAULT_TEMPLATES[mode]
+        if (template_key or "default") not in BUILTIN_TEMPLATES:
+            raise KeyError(f"no built-in template set {template_key!r}; use {sorted(BUILTIN_TEMPLATES)} or a file")
+        return BUILTIN_TEMPLATES[template_key or "default"][mode]
     templates = json.loads(Path(template_file).read_text(encoding="utf-8"))
     if template_key not in templates:
         raise KeyError(f"{template_file}: no template named {template_key!r}; it has {sorted(templates)}")
@@ -214,6 +234,7 @@ class Trajectory:
     num_tool_calls: int = 0
     num_returned_images: int = 0
     vision_consistent: bool = True   # image placeholders in the ids match the images (set at the end of the rollout)
+    image_s: float = 0.0             # time spent turning images into pixel values for this trajectory
     # filled by reward.py
     reward: float = 0.0
     correct: bool = False
@@ -370,7 +391,7 @@ class ScriptedExpert:
         task = traj.task
         if task.solution_code is None:
             raise ValueError(f"task {task.id}: the scripted expert needs a task with solution_code (synthetic tasks)")
-        answer_with = lambda a: self._say(f"The result is {a}.\n<answer>\n\\boxed{{{a}}}\n</answer>", "eos")
+        answer_with = lambda a: self._say(f"<answer>\n\\boxed{{{a}}}\n</answer>", "eos")
         if not traj.turns:
             if self.direct and task.needs_tool is False:
                 return answer_with(task.answer)
@@ -378,7 +399,7 @@ class ScriptedExpert:
                 broken = task.solution_code.replace("image_clue_0", "image_clue", 1).replace("video_clue_0", "video_clue", 1)
                 return self._say(f"Let me inspect the {traj.mode} with code.\n<code>\n```python\n{broken}\n```\n</code>", "stop")
         last = traj.turns[-1] if traj.turns else None
-        if last is None or last.exec_status != "ok":
+        if last is None or last.exec_status not in OK_STATUSES:
             why = "Let me inspect the" if last is None else "That failed; let me fix the code and inspect the"
             return self._say(f"{why} {traj.mode} with code.\n<code>\n```python\n{task.solution_code}\n```\n</code>", "stop")
         printed = re.search(r"Text Result:\n(.*?)(?:\nImage Result:|\n?</interpreter>)", last.observation or "", re.DOTALL)
@@ -507,10 +528,12 @@ def start_trajectory(task: Task, group_id: int, sample_index: int, processor: VL
         content = [{"type": "text", "text": "<image_clue_0>"}, {"type": "image"},
                    {"type": "text", "text": "</image_clue_0>\n" + instructions}]
         text = processor.apply_chat_template([{"role": "user", "content": content}])
+        t0 = time.perf_counter()
         pixel_values, grid = processor.encode_images([image])
+        image_s = time.perf_counter() - t0
         ids = processor.encode_text(processor.expand_pads(text, grid.tolist()))
         return Trajectory(task, group_id, sample_index, "image", ids, [0] * len(ids), len(ids), [image],
-                          [pixel_values], grid.tolist())
+                          [pixel_values], grid.tolist(), image_s=image_s)
     from video_context import sample_uniform, video_info
     instructions = render_prompt(task.question, video_info=video_info(task.video_path),
                                  template_file=cfg.template_file, template_key=cfg.template_key)
@@ -536,10 +559,22 @@ def _append(traj: Trajectory, ids: list[int], is_action: bool) -> None:
     traj.action_mask += [1 if is_action else 0] * len(ids)
 
 
+@dataclass
+class RolloutTimings:
+    """Wall-clock split of a rollout call (bench/rollout_bench.py): generation, tool execution (the concurrent phase),
+    image processing; `total_s` minus the three is bookkeeping (parsing, tokenising observations, sandboxes)."""
+    generate_s: float = 0.0
+    tool_s: float = 0.0
+    image_s: float = 0.0
+    total_s: float = 0.0
+
+
 def rollout(tasks: Sequence[Task], engine: Engine, processor: VLProcessor, sandbox_factory, cfg: RolloutConfig,
-            n: int = 1, first_group: int = 0) -> list[Trajectory]:
+            n: int = 1, first_group: int = 0, timings: RolloutTimings | None = None) -> list[Trajectory]:
     """Run `n` samples of every task to the end. `sandbox_factory(images=..., video=...)` opens one sandbox per
     trajectory (see sandbox.py); they are closed before returning, whatever happens."""
+    timings = timings if timings is not None else RolloutTimings()
+    start = time.perf_counter()
     trajs = [start_trajectory(t, first_group + g, k, processor, cfg) for g, t in enumerate(tasks) for k in range(n)]
     sandboxes: dict[int, object] = {}
     try:
@@ -548,12 +583,17 @@ def rollout(tasks: Sequence[Task], engine: Engine, processor: VLProcessor, sandb
             for turn in range(cfg.max_turns):
                 if not active:
                     break
-                active = _one_round(trajs, active, turn, engine, processor, cfg, sandboxes, sandbox_factory, pool)
+                active = _one_round(trajs, active, turn, engine, processor, cfg, sandboxes, sandbox_factory, pool,
+                                    timings)
+                for i in [i for i in sandboxes if i not in active]:   # finished: give the process back now
+                    sandboxes.pop(i).close()
     finally:
         for sb in sandboxes.values():
             sb.close()
     for traj in trajs:
         traj.vision_consistent = traj.check_vision_consistency(processor)
+    timings.image_s += sum(t.image_s for t in trajs)
+    timings.total_s += time.perf_counter() - start
     return trajs
 
 
@@ -567,11 +607,12 @@ def score_trajectories(trajs: Sequence[Trajectory], processor: VLProcessor, tool
         traj.reward_parts, traj.reward, traj.correct = parts, parts.total, parts.correct
 
 
-def _one_round(trajs, active, turn, engine, processor, cfg, sandboxes, sandbox_factory, pool) -> list[int]:
+def _one_round(trajs, active, turn, engine, processor, cfg, sandboxes, sandbox_factory, pool, timings) -> list[int]:
     # 1) generate one action for every active trajectory
     budgets = {i: min(cfg.max_turn_tokens, cfg.max_response_tokens - trajs[i].response_len) for i in active}
     t0 = time.perf_counter()
     results = engine.generate([GenRequest(trajs[i], max(1, budgets[i])) for i in active])
+    timings.generate_s += time.perf_counter() - t0
     gen_s = (time.perf_counter() - t0) / max(1, len(active))
     to_run: list[tuple[int, str]] = []
     for i, res in zip(active, results):
@@ -606,19 +647,24 @@ def _one_round(trajs, active, turn, engine, processor, cfg, sandboxes, sandbox_f
                                            video=t.task.video_path if t.mode == "video" else None)
         start = time.perf_counter()
         return sandboxes[i].run(code), time.perf_counter() - start
-    for (i, _), (result, tool_s) in zip(to_run, pool.map(run, to_run)):
+    t0 = time.perf_counter()
+    finished = list(pool.map(run, to_run))
+    timings.tool_s += time.perf_counter() - t0
+    for (i, _), (result, tool_s) in zip(to_run, finished):
         traj, last = trajs[i], trajs[i].turns[-1]
         last.exec_status, last.tool_s = result.status, tool_s
-        if result.status != "ok":
+        # sandbox notes (state reset after a timeout, figures dropped or downscaled) are part of what the model sees
+        notes = "".join(f"\n[{note}]" for note in result.notes)
+        if result.status not in OK_STATUSES:
             if cfg.on_error == "terminate":
                 traj.end_reason = EndReason.ERROR_IN_ACTION
                 continue
             message = truncate_middle(f"{result.error or result.status}\n{result.text}".strip(), cfg.max_tool_text_chars)
-            _observe(traj, error_observation(f"Execution error: {message}"), [], processor, cfg)
+            _observe(traj, error_observation(f"Execution error: {message}{notes}"), [], processor, cfg)
             continue
         first_label = traj.num_returned_images + (1 if traj.mode == "image" else 0)
-        obs = observation_text(traj.mode, truncate_middle(result.text.strip(), cfg.max_tool_text_chars), first_label,
-                               len(result.images))
+        text = truncate_middle(result.text.strip(), cfg.max_tool_text_chars) + notes
+        obs = observation_text(traj.mode, text, first_label, len(result.images))
         _observe(traj, obs, list(result.images), processor, cfg)
     return [i for i in active if trajs[i].end_reason is None]
 
@@ -628,7 +674,9 @@ def _observe(traj: Trajectory, obs: str, images: list[Image.Image], processor: V
     grids: list[list[int]] = []
     pixel_values = None
     if images:
+        t0 = time.perf_counter()
         pixel_values, grid = processor.encode_images(images)
+        traj.image_s += time.perf_counter() - t0
         grids = grid.tolist()
     ids = processor.encode_text(processor.expand_pads(obs, grids))
     if traj.response_len + len(ids) >= cfg.max_response_tokens:

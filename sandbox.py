@@ -43,16 +43,17 @@ What is isolated ("namespaces" mode: Linux user, PID, mount, network and IPC nam
       share it, so two workers could talk over an abstract unix socket; they cannot reach anything else.)
     * Filesystem: every mount is read-only except the worker's private directory (cwd, HOME and TMPDIR), which is
       removed on close. /dev holds only null, zero, full, random and urandom (no GPUs, no /dev/shm).
-    * Identity (only when the trainer runs as root, the usual GPU-container case): each worker runs under its own
-      unprivileged uid, so RLIMIT_NPROC (`max_procs`) stops fork bombs, it cannot write files it does not own, and no
-      limit can be raised again. It keeps CAP_DAC_READ_SEARCH so the Python installation stays importable (e.g. under
-      /root/.pyenv): it can READ any file readable by root in the host filesystem (not other users' files).
+    * Privileges: the worker drops every capability, bounding set included, so it cannot undo the read-only view, mount,
+      or raise a limit again. When the trainer runs as root (the usual GPU container) each worker also runs under its
+      own unprivileged uid, so RLIMIT_NPROC (`max_procs`) stops fork bombs and it cannot write files it does not own.
+      That worker keeps CAP_DAC_READ_SEARCH alone so the Python installation stays importable (e.g. /root/.pyenv): it
+      can READ any file root can read in the host filesystem, except files of unmapped (non-root) owners.
     * Limits: RLIMIT_AS (`memory_mb`), RLIMIT_FSIZE (`file_mb`), RLIMIT_NOFILE, RLIMIT_CORE=0, RLIMIT_NPROC (see above),
       and a per-call CPU limit (soft RLIMIT_CPU -> SIGXCPU -> status "cpu_limit"; code could lift this soft limit, the
       wall-clock timeout is the hard bound). Environment: an allow-list (no trainer variables), BLAS threads = 1.
-    Not isolated in any mode: reads as described above, CPU/memory-bandwidth contention, disk usage by many files below
-    the per-file limit, the kernel's syscall surface (no seccomp), and output the code writes before a timeout or crash
-    (only the Python-level buffer is returned, and it is lost with the process).
+    Not isolated in any mode: reads as described above (input videos are read in place), CPU and memory-bandwidth
+    contention, disk usage by many files below the per-file limit, and the kernel's syscall surface (no seccomp).
+    Not returned: output written before a timeout or crash (it is lost with the process).
 
 Fallback ("basic" mode, when namespaces are unavailable, e.g. Docker's default seccomp profile)
     One RuntimeWarning names the failure. Kept: allow-listed environment, private directory, rlimits, CUDA hidden via
@@ -63,11 +64,13 @@ Fallback ("basic" mode, when namespaces are unavailable, e.g. Docker's default s
     environment and processes (same uid). Force a mode with `SandboxPool(isolation="namespaces" | "basic")`.
 
 Cleanup
-    close() (and the context manager) kills the worker tree and removes its directory. Pools close at exit (atexit),
-    on SIGTERM/SIGINT when those would otherwise kill the process without exit handlers (the previous handler is
-    chained), and when garbage collected. If the trainer dies hard (SIGKILL), the template sees its control socket
-    close, kills every worker and removes the pool directory. Forked children of the trainer (e.g. DataLoader workers)
-    drop their copies of the sockets, so they neither keep sandboxes alive nor kill them at their exit.
+    close() (and the context manager) kills the worker tree and removes its directory; a sandbox garbage collected
+    unclosed is retired by its pool's background thread. Pools close at exit (atexit) and on SIGTERM/SIGINT where the
+    signal's disposition is the default (it would kill the process without exit handlers): we clean up, then die of
+    the same signal. Python's KeyboardInterrupt and custom handlers are left alone (exit runs atexit). If the trainer
+    dies hard (SIGKILL), the template sees its control socket close, kills every worker and removes the pool
+    directory. Forked children of the trainer (e.g. DataLoader workers) drop their copies of the sockets at fork, so
+    they neither keep a pool alive after the trainer is gone nor kill its sandboxes at their exit.
 
 How to run
     python -m pytest -q tests/test_sandbox.py
@@ -127,7 +130,8 @@ STATUSES = ("ok", "error", "exit", "oom", "cpu_limit", "timeout", "crashed", "sa
 
 def preamble_names(num_images: int, has_video: bool) -> list[str]:
     """The global names a fresh runtime defines for this many input images / a video."""
-    return list(PRELOADED_NAMES) + [f"image_clue_{i}" for i in range(num_images)] + (["video_clue_0"] if has_video else [])
+    video = ["video_clue_0"] if has_video else []
+    return list(PRELOADED_NAMES) + [f"image_clue_{i}" for i in range(num_images)] + video
 
 
 @dataclass(frozen=True)
@@ -253,9 +257,11 @@ def _fit_pixels(w: int, h: int, max_pixels: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x20000, 0x8000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
-MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 8192, 16384, 1 << 18, 1 << 21
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_MOVE, MS_REC = 1024, 2048, 4096, 8192, 16384
+MS_PRIVATE, MS_RELATIME = 1 << 18, 1 << 21
 PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 8, 24, 36, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH = 47, 2, 2
 # A bind remount must repeat the flags the kernel locked on the mount, or it fails with EPERM.
@@ -281,7 +287,8 @@ def _remount_readonly(target: str) -> None:
 
 
 def _prctl(option: int, arg: int, arg3: int = 0) -> None:
-    _check(_libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(arg3), ctypes.c_ulong(0), ctypes.c_ulong(0)), "prctl")
+    args = (ctypes.c_ulong(arg), ctypes.c_ulong(arg3), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    _check(_libc.prctl(option, *args), "prctl")
 
 
 class _CapHeader(ctypes.Structure):
@@ -618,6 +625,8 @@ class Sandbox:
         except BaseException:
             self._pool._retire(worker)
             raise
+        finally:
+            self._pool._refill()
         self.startup_notes = [_clean_text(n, 1000) for n in reply.get("notes", []) if isinstance(n, str)]
         return worker
 
@@ -689,12 +698,14 @@ class Sandbox:
 class SandboxPool:
     """A template process, idle spare workers, and bounds on live trajectories and concurrently running calls.
 
-    max_live: open sandboxes at once (open() waits for a slot); spares: idle pre-forked workers kept ready;
-    max_running: calls executing at once (default: CPU count), so the wall-clock timeout is not eaten by queueing;
-    isolation: "auto" (namespaces if possible, else one warning and "basic"), "namespaces" or "basic"."""
+    max_live: open sandboxes at once; open() waits up to `open_wait_s` for one to close, then raises (a rollout that
+    opens more trajectories than this without closing any would otherwise wait forever); spares: idle pre-forked
+    workers kept ready; max_running: calls executing at once (default: CPU count), so the wall-clock timeout is not
+    eaten by queueing; isolation: "auto" (namespaces if possible, else one warning and "basic"), "namespaces", "basic".
+    Other keywords are SandboxConfig defaults for the pool's sandboxes."""
 
     def __init__(self, *, max_live: int = 256, spares: int = 2, max_running: int | None = None,
-                 isolation: str = "auto", **defaults):
+                 isolation: str = "auto", open_wait_s: float = 60.0, **defaults):
         global _NAMESPACE_FAILURE
         if isolation not in ("auto", "namespaces", "basic"):
             raise ValueError(f"isolation must be 'auto', 'namespaces' or 'basic', got {isolation!r}")
@@ -706,6 +717,7 @@ class SandboxPool:
             raise ValueError(f"spares must be a non-negative int, got {spares!r}")
         self.defaults = SandboxConfig(**defaults)
         self._n_spares, self._max_running = spares, max_running
+        self._max_live, self._open_wait_s = max_live, open_wait_s
         mode = "basic" if isolation == "basic" or (isolation == "auto" and _NAMESPACE_FAILURE) else "namespaces"
         if mode == "namespaces":
             try:
@@ -764,7 +776,7 @@ class SandboxPool:
                 self._executor = ThreadPoolExecutor(self._max_running, thread_name_prefix="sandbox-run")
         return list(self._executor.map(lambda pair: pair[0].run(pair[1]), calls))
 
-    # -- workers ------------------------------------------------------------------------------------------------------
+    # -- workers -----------------------------------------------------------------------------------------------------
 
     def _spawn(self) -> _Worker:
         if self._closed:
@@ -802,8 +814,12 @@ class SandboxPool:
     def _take_spare(self) -> _Worker:
         with self._cond:
             worker = self._spares.popleft() if self._spares else None
-            self._cond.notify_all()
         return worker or self._spawn()
+
+    def _refill(self) -> None:
+        """Wake the background thread; called once a trajectory has started, so its fork does not compete with it."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _maintain(self) -> None:
         """Background thread: keep `spares` idle workers forked, and retire sandboxes collected without close()."""
@@ -830,7 +846,9 @@ class SandboxPool:
     def _admit(self) -> None:
         if self._closed:
             raise SandboxError("the sandbox pool is closed")
-        self._live.acquire()
+        if not self._live.acquire(timeout=self._open_wait_s):
+            raise SandboxError(f"{self._max_live} sandboxes (max_live) stayed open for {self._open_wait_s:g} s: "
+                               "close() finished trajectories or raise max_live")
 
     def _track(self, sandbox: Sandbox) -> None:
         self._sandboxes.add(sandbox)
@@ -843,7 +861,7 @@ class SandboxPool:
     def _release_later(self, holder: list) -> None:
         self._graveyard.append(holder)   # deque.append takes no lock
 
-    # -- shutdown -------------------------------------------------------------------------------------------------------
+    # -- shutdown ----------------------------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Kill every worker of this pool (the template does it when its socket closes) and remove the directory."""
@@ -1188,7 +1206,9 @@ def _worker_main(chan_fd: int, workdir: str, uid: int | None, namespaces: bool, 
         os.dup2(output_fd, 2)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         signal.signal(signal.SIGXCPU, _on_sigxcpu)
-        _Runtime(chan, output_fd, own_uid=uid is not None).serve()
+        runtime = _Runtime(chan, output_fd, own_uid=uid is not None)
+        runtime.warm_up()
+        runtime.serve()
     except BaseException as e:
         if chan is not None:
             with contextlib.suppress(OSError):
@@ -1351,6 +1371,13 @@ class _Runtime:
         self.cfg: dict = {}
         self.cells = 0
 
+    def warm_up(self) -> None:
+        """While still an idle spare: take the copy-on-write page faults of a first request now, not on the clock."""
+        json.loads(json.dumps({"warm": [1.0, "x"]}))
+        Image.frombytes("RGB", (64, 48), bytes(64 * 48 * 3)).crop((0, 0, 8, 8))
+        exec(compile("x = sum(range(10))", "<warm-up>", "exec"), {"np": _RUNTIME["np"]})
+        _RUNTIME["np"].zeros((8, 8)).sum()
+
     def serve(self) -> None:
         while True:
             try:
@@ -1391,7 +1418,7 @@ class _Runtime:
             notes.append(f"video_context is not importable ({_RUNTIME['video_context_error']}); "
                          "video_clue_0 is the video's path")
             return path
-        video_context.install_decord_alias()   # so `from decord import VideoReader, cpu` works as in the official runtime
+        video_context.install_decord_alias()   # `from decord import VideoReader, cpu` works, as in the official code
         return video_context.VideoReader(path)
 
     def _set_limits(self) -> None:

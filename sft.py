@@ -61,6 +61,7 @@ class SFTConfig:
     micro_batch: int = _f(8, "trajectories per forward/backward")
     grad_clip: float = _f(1.0, "max gradient norm")
     max_turns: int = _f(5, "turn budget of the expert's rollouts")
+    template_key: str = _f("default", "built-in prompt wording: default, or short (the CPU demo's)")
     dtype: str = _f("float32", "float32 or bfloat16")
     train_vision: bool = _f(False, "also train the vision tower")
     seed: int = _f(0, "seed of tasks, order and initialisation")
@@ -82,9 +83,11 @@ def expert_trajectories(tasks: Sequence[data.Task], processor: models.VLProcesso
     from sandbox import SandboxPool
     expert = rollout.ScriptedExpert(processor, recover_rate=cfg.recover_rate,
                                     direct_when_possible=cfg.direct_rate > 0, seed=cfg.seed)
-    rcfg = rollout.RolloutConfig(max_turns=cfg.max_turns, on_error="feedback")
+    rcfg = rollout.RolloutConfig(max_turns=cfg.max_turns, on_error="feedback", template_key=cfg.template_key)
+    trajs = []
     with SandboxPool() as pool:
-        trajs = rollout.rollout(tasks, expert, processor, pool.open, rcfg)
+        for start in tqdm(range(0, len(tasks), 64), desc="expert trajectories", disable=len(tasks) <= 64):
+            trajs += rollout.rollout(tasks[start:start + 64], expert, processor, pool.open, rcfg)
     rollout.score_trajectories(trajs, processor)
     return [t for t in trajs if t.correct]
 

@@ -67,7 +67,7 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class TrainConfig:
-    preset: str = _f("tiny", "starting values: tiny (CPU, tiny model, synthetic tasks), paper-image, paper-video")
+    preset: str = _f("tiny", "starting values: tiny (CPU tests), demo (the CPU demo), paper-image, paper-video")
     model: str = _f("", "checkpoint name or path; empty with the tiny preset builds a tiny model in OUTPUT_DIR/model")
     data: str = _f("", "training tasks (official RL or validation format); empty with tiny: synthetic tasks are written")
     eval_data: str = _f("", "held-out tasks for periodic evaluation (empty: no periodic evaluation)")
@@ -110,6 +110,8 @@ class TrainConfig:
     top_p: float = _f(1.0, "rollout nucleus sampling")
     on_error: str = _f("terminate", "code errors end the trajectory (paper) or are fed back (feedback)")
     video_context: str = _f("on_demand", "on_demand (video only in the sandbox) or full_context (frames in the prompt)")
+    template_file: str = _f("", "prompt templates JSON (the official rl_system_prompt_template.json); empty: built-in")
+    template_key: str = _f("", "key in TEMPLATE_FILE, or a built-in set (default, short); empty: default")
     tool_timeout_s: float = _f(30.0, "wall-clock limit of one tool call")
     # logging, checkpoints, evaluation
     save_every: int = _f(10, "checkpoint every N steps (and at the end)")
@@ -124,6 +126,10 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     "tiny": dict(group_size=4, gen_batch_prompts=4, train_groups=2, max_draws=3, micro_batch=4, lr=1e-4,
                  max_turns=3, max_response_tokens=1024, max_turn_tokens=192, tool_timeout_s=10.0, save_every=5),
+    # the CPU demo (make demo): RL from the cold-start checkpoint on synthetic image tasks, a few minutes on 2 cores
+    "demo": dict(group_size=8, gen_batch_prompts=6, train_groups=3, max_draws=2, micro_batch=8, lr=2e-5,
+                 max_turns=3, max_response_tokens=768, max_turn_tokens=160, tool_timeout_s=10.0, template_key="short",
+                 max_steps=12, save_every=3, html_every=4),
     "paper-image": dict(model="Agents-X/PyVision-Image-7B-SFT", engine="vllm", dtype="bfloat16", group_size=8,
                         gen_batch_prompts=32, train_groups=16, lr=1e-6, max_turns=5, tool_coef=0.1, kl_coef=0.0,
                         clip_low=0.2, clip_high=0.2, dual_clip=3.0, loss_agg="token-mean", max_steps=700,
@@ -494,30 +500,36 @@ def prepare_inputs(cfg: TrainConfig, out: Path, d: Dist) -> tuple[str, list[data
     return model_path, tasks
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    cfg = parse_config(argv)
-    d = init_distributed()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if d.main:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+@dataclass
+class Run:
+    """Everything the loop works with, built once by `setup` (fresh or from a checkpoint)."""
+    model: torch.nn.Module                 # the policy (unwrapped)
+    train_model: torch.nn.Module           # the same, DDP-wrapped when world > 1
+    ref_model: torch.nn.Module | None      # only when kl_coef > 0
+    processor: models.VLProcessor
+    optimizer: torch.optim.Optimizer
+    engine: rollout.Engine
+    stream: PromptStream
+    start_step: int
+    extra: dict                            # carried across resumes: the first step's tool calls (collapse alarm)
+    rollout_cfg: rollout.RolloutConfig
+    ofr_cfg: ofr.OFRConfig
+
+
+def setup(cfg: TrainConfig, d: Dist, out: Path) -> Run:
     random.seed(cfg.seed + d.rank)
     np.random.seed(cfg.seed + d.rank)
     torch.manual_seed(cfg.seed + d.rank)
-
     model_path, tasks = prepare_inputs(cfg, out, d)
+    reward.check_routable(((t.data_source, t.ability) for t in tasks), None)   # fail now, not mid-step
     resume_from = latest_checkpoint(out) if cfg.resume else None
     model, processor = models.load_policy(resume_from / "model" if resume_from else model_path, dtype=cfg.dtype,
                                           device=str(d.device))
     if not cfg.train_vision:
         model.model.visual.requires_grad_(False)   # the paper freezes the vision tower
     ref_model = models.load_policy(model_path, dtype=cfg.dtype, device=str(d.device))[0].eval() if cfg.kl_coef > 0 else None
-    judge = None
-    reward.check_routable(((t.data_source, t.ability) for t in tasks), judge)   # fail now, not mid-step
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
-
     stream, start_step, extra = PromptStream(tasks, cfg.seed), 0, {"first_tool_calls": None}
     if resume_from:
         meta = json.loads((resume_from / "meta.json").read_text())
@@ -527,95 +539,128 @@ def main(argv: Sequence[str] | None = None) -> None:
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
         stream = PromptStream(tasks, cfg.seed, **meta["stream"])
         start_step, extra = meta["step"], {"first_tool_calls": meta.get("first_tool_calls")}
-
-    engine = make_train_engine(cfg, model, processor, model_path)
     rollout_cfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
                                         max_turn_tokens=cfg.max_turn_tokens, on_error=cfg.on_error,
-                                        tool_timeout_s=cfg.tool_timeout_s, video_context=cfg.video_context)
+                                        tool_timeout_s=cfg.tool_timeout_s, video_context=cfg.video_context,
+                                        template_file=cfg.template_file or None, template_key=cfg.template_key or None)
     ofr_cfg = ofr.OFRConfig(train_groups=cfg.train_groups, group_size=cfg.group_size, max_draws=cfg.max_draws,
                             std_sort=cfg.std_sort, std_norm=cfg.std_norm, whole_groups=cfg.whole_groups,
                             adv_timing=cfg.adv_timing, require_image=cfg.require_image)
+    return Run(model, torch.nn.parallel.DistributedDataParallel(model) if d.world > 1 else model, ref_model, processor,
+               optimizer, make_train_engine(cfg, model, processor, model_path), stream, start_step, extra, rollout_cfg,
+               ofr_cfg)
+
+
+class GroupSampler:
+    """One step's generation batches, as OFR's `draw()`: roll out this rank's share of the prompts, score them, and
+    gather every rank's summaries (in an order that does not depend on the number of ranks)."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist, run: Run, sandboxes):
+        self.cfg, self.d, self.run, self.sandboxes = cfg, d, run, sandboxes
+        self.local: list[Trajectory] = []        # this rank's trajectories, all draws
+        self.summaries: list[TrajSummary] = []   # every rank's, all draws
+        self.seconds = 0.0
+
+    def draw(self) -> list[TrajSummary]:
+        t0, cfg, d, run = time.perf_counter(), self.cfg, self.d, self.run
+        prompts = run.stream.take(cfg.gen_batch_prompts)           # identical on every rank
+        mine = list(range(d.rank, len(prompts), d.world))          # this rank's share of the groups
+        trajs = rollout.rollout([prompts[g] for g in mine], run.engine, run.processor, self.sandboxes.open,
+                                run.rollout_cfg, n=cfg.group_size)
+        for t in trajs:                                              # group id = the prompt's place in the batch
+            t.group_id = mine[t.group_id]
+        rollout.score_trajectories(trajs, run.processor, cfg.tool_coef)
+        local = [TrajSummary(t.group_id, t.reward, t.correct, t.end_reason, t.num_tool_calls, t.num_returned_images,
+                             t.vision_consistent, t.sample_index, d.rank, len(self.local) + k)
+                 for k, t in enumerate(trajs)]
+        self.local.extend(trajs)
+        # OFR keeps arrival order among equal stds: sort so that N ranks and one rank see the same batch
+        batch = sorted((s for part in all_gather_objects(local, d) for s in part), key=lambda s: (s.group_id, s.sample_index))
+        self.summaries.extend(batch)
+        self.seconds += time.perf_counter() - t0
+        return batch
+
+    def kept_here(self, result: ofr.OFRResult) -> list[tuple[Trajectory, float]]:
+        return [(self.local[s.local_index], float(a)) for s, a in zip(result.trajectories, result.advantages)
+                if s.rank == self.d.rank]
+
+
+def step_metrics(sampler: GroupSampler, result: ofr.OFRResult, upd: UpdateStats, seconds: dict) -> dict:
+    metrics = rollout_metrics(sampler.summaries, sampler.local) | result.stats.as_log()
+    metrics["adv/neg_correct_frac"] = result.stats.negative_correct_frac_kept   # the paper's Fig. 6 metric
+    metrics |= {"loss/policy": upd.loss, "loss/kl": upd.kl, "loss/entropy": upd.entropy, "loss/clip_frac": upd.clip_frac,
+                "grad/norm": upd.grad_norm, "train/tokens": upd.tokens, "perf/rollout_s": sampler.seconds,
+                "perf/tool_s": sum(turn.tool_s for t in sampler.local for turn in t.turns)}
+    return metrics | {f"perf/{k}_s": v for k, v in seconds.items()}
+
+
+def collapse_alarm(metrics: dict, run: Run, cfg: TrainConfig) -> bool:
+    """Interaction collapse: tool calls per trajectory fell `collapse_alarm` below the first step's level."""
+    if run.extra["first_tool_calls"] is None:
+        run.extra["first_tool_calls"] = metrics["tool/calls_mean"]
+    floor = run.extra["first_tool_calls"] * (1 - cfg.collapse_alarm)
+    metrics["alarm/collapse"] = float(metrics["tool/calls_mean"] < floor)
+    return bool(metrics["alarm/collapse"])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(argv)
+    d = init_distributed()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if d.main:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    run = setup(cfg, d, out)
     log = MetricsLog(out, cfg, d.main)
     from sandbox import SandboxPool
     with SandboxPool(timeout=cfg.tool_timeout_s) as sandboxes:
-        for step in tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
+        for step in tqdm(range(run.start_step, cfg.max_steps), initial=run.start_step, total=cfg.max_steps,
                          disable=not d.main, desc="RL steps"):
             t_step = time.perf_counter()
             # 1) oversample -> roll out -> score; OFR filters and ranks over every rank's trajectories
-            model.eval()
-            drawn: list[Trajectory] = []
-            summaries: list[TrajSummary] = []
-            timing = {"rollout": 0.0}
-
-            def draw() -> list[TrajSummary]:
-                t0 = time.perf_counter()
-                prompts = stream.take(cfg.gen_batch_prompts)           # identical on every rank
-                mine = list(range(d.rank, len(prompts), d.world))      # this rank's share of the groups
-                trajs = rollout.rollout([prompts[g] for g in mine], engine, processor, sandboxes.open, rollout_cfg,
-                                        n=cfg.group_size)
-                for t in trajs:                                          # group id = prompt's place in the batch
-                    t.group_id = mine[t.group_id]
-                rollout.score_trajectories(trajs, processor, cfg.tool_coef, judge)
-                base = len(drawn)
-                drawn.extend(trajs)
-                local = [TrajSummary(t.group_id, t.reward, t.correct, t.end_reason, t.num_tool_calls,
-                                     t.num_returned_images, t.vision_consistent, t.sample_index, d.rank, base + k)
-                         for k, t in enumerate(trajs)]
-                # batch order must not depend on the number of ranks: OFR keeps arrival order among equal stds
-                batch = sorted((s for part in all_gather_objects(local, d) for s in part),
-                               key=lambda s: (s.group_id, s.sample_index))
-                summaries.extend(batch)
-                timing["rollout"] += time.perf_counter() - t0
-                return batch
-
-            result = ofr.OFRSampler(draw, ofr_cfg).sample()
-            kept = [(drawn[s.local_index], a) for s, a in zip(result.trajectories, result.advantages) if s.rank == d.rank]
+            run.model.eval()
+            sampler = GroupSampler(cfg, d, run, sandboxes)
+            result = ofr.OFRSampler(sampler.draw, run.ofr_cfg).sample()
+            kept = sampler.kept_here(result)
 
             # 2) policy update on the kept trajectories (a colocated vLLM frees its GPU memory meanwhile)
-            if hasattr(engine, "sleep"):
-                engine.sleep()
-            model.train()
+            if hasattr(run.engine, "sleep"):
+                run.engine.sleep()
+            run.model.train()
             t0 = time.perf_counter()
             upd = UpdateStats()
-            if result.trajectories:
-                upd = update(train_model, optimizer, [t for t, _ in kept], [a for _, a in kept], cfg, processor, d,
-                             ref_model)
+            if result.trajectories:   # nothing survived OFR within the draw cap: skip the update (logged)
+                upd = update(run.train_model, run.optimizer, [t for t, _ in kept], [a for _, a in kept], cfg,
+                             run.processor, d, run.ref_model)
             update_s = time.perf_counter() - t0
 
             # 3) new weights to the rollout engine
             t0 = time.perf_counter()
-            if hasattr(engine, "sync_weights"):
-                engine.wake_up()
-                engine.sync_weights(unwrap(train_model))
+            if hasattr(run.engine, "sync_weights"):
+                run.engine.wake_up()
+                run.engine.sync_weights(run.model)
             sync_s = time.perf_counter() - t0
 
-            # 4) log
-            metrics = rollout_metrics(summaries, drawn) | result.stats.as_log()
-            metrics["adv/neg_correct_frac"] = result.stats.negative_correct_frac_kept   # the paper's Fig. 6 metric
-            metrics |= {"loss/policy": upd.loss, "loss/kl": upd.kl, "loss/entropy": upd.entropy,
-                        "loss/clip_frac": upd.clip_frac, "grad/norm": upd.grad_norm, "train/tokens": upd.tokens,
-                        "perf/rollout_s": timing["rollout"], "perf/tool_s": sum(tu.tool_s for t in drawn for tu in t.turns),
-                        "perf/update_s": update_s, "perf/sync_s": sync_s, "perf/step_s": time.perf_counter() - t_step}
-            if extra["first_tool_calls"] is None:
-                extra["first_tool_calls"] = metrics["tool/calls_mean"]
-            floor = extra["first_tool_calls"] * (1 - cfg.collapse_alarm)
-            metrics["alarm/collapse"] = float(metrics["tool/calls_mean"] < floor)
-            if d.main and metrics["alarm/collapse"]:
-                tqdm.write(f"step {step + 1}: interaction collapse alarm — tool calls/trajectory "
-                           f"{metrics['tool/calls_mean']:.2f} < {floor:.2f} (start {extra['first_tool_calls']:.2f})")
+            # 4) log: reward parts, tool use, OFR, loss, timings; alarm on interaction collapse; a few trajectories
+            metrics = step_metrics(sampler, result, upd, {"update": update_s, "sync": sync_s,
+                                                          "step": time.perf_counter() - t_step})
+            if collapse_alarm(metrics, run, cfg) and d.main:
+                tqdm.write(f"step {step + 1}: interaction collapse alarm: {metrics['tool/calls_mean']:.2f} tool "
+                           f"calls/trajectory, {run.extra['first_tool_calls']:.2f} at the start")
             log.write(step + 1, metrics)
             if d.main and cfg.html_every and (step + 1) % cfg.html_every == 0:
-                rollout.write_html(drawn[:8], out / "html" / f"step_{step + 1:06d}.html")
+                rollout.write_html(sampler.local[:8], out / "html" / f"step_{step + 1:06d}.html")
 
             # 5) checkpoint and evaluate
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-                save_checkpoint(out, step + 1, train_model, optimizer, processor, stream, extra, d, cfg.keep_checkpoints)
+                save_checkpoint(out, step + 1, run.train_model, run.optimizer, run.processor, run.stream, run.extra, d,
+                                cfg.keep_checkpoints)
             if cfg.eval_every and cfg.eval_data and (step + 1) % cfg.eval_every == 0 and d.main:
-                periodic_eval(cfg, unwrap(train_model), processor, out, step + 1, log)
+                periodic_eval(cfg, run.model, run.processor, out, step + 1, log)
 
     if d.main:
-        unwrap(train_model).save_pretrained(out / "final")
-        processor.save_pretrained(out / "final")
+        run.model.save_pretrained(out / "final")
+        run.processor.save_pretrained(out / "final")
     if d.world > 1:
         dist.destroy_process_group()
 
@@ -634,7 +679,9 @@ def periodic_eval(cfg: TrainConfig, model, processor, out: Path, step: int, log:
     tasks, _ = data.load_tasks(cfg.eval_data)
     results = evaluation.evaluate(tasks, rollout.make_engine("hf", model, processor, temperature=0.0), processor,
                                   evaluation.EvalConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
-                                                        max_turn_tokens=cfg.max_turn_tokens),
+                                                        max_turn_tokens=cfg.max_turn_tokens, temperature=0.0,
+                                                        template_file=cfg.template_file, template_key=cfg.template_key,
+                                                        video_context=cfg.video_context),
                                   out / "eval" / f"step_{step:06d}")
     log.write(step, {f"eval/{k}": v for k, v in results["summary"].items() if isinstance(v, (int, float))})
 

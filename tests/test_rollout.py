@@ -214,3 +214,16 @@ def test_full_context_video_puts_frames_in_the_prompt(tiny_policy, video_tasks_d
     assert full.visual_tokens(p) > on_demand.visual_tokens(p)
     with torch.no_grad():   # the trainer's inputs for this trajectory run through the model
         assert torch.isfinite(model(**full.model_inputs(p)).logits).all()
+
+
+def test_sandbox_notes_reach_the_model(tiny_policy, image_tasks_dir, pool):
+    _, p = tiny_policy
+    task = data.load_tasks(image_tasks_dir / "tasks.json")[0][0]
+    # a 6000x20 figure is dropped by the sandbox (too thin for Qwen-VL); the model is told why, in the observation
+    thin = "import matplotlib.pyplot as plt\nfig = plt.figure(figsize=(60, 0.2), dpi=100)\nplt.show()\nprint('done')"
+    traj = run([task], ReplayEngine(p, [CODE.format(thin), ANSWER.format("A")]), p, pool)[0]
+    obs = traj.turns[0].observation
+    assert "done" in obs and "[figure dropped" in obs and traj.turns[0].images == []
+    # sys.exit() after the work is a successful call
+    traj = run([task], ReplayEngine(p, [CODE.format("print(7)\nimport sys\nsys.exit(0)"), ANSWER.format("A")]), p, pool)[0]
+    assert traj.end_reason == EndReason.DONE and traj.num_tool_calls == 1 and "7" in traj.turns[0].observation
