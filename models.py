@@ -351,8 +351,8 @@ def build_tokenizer(vocab_size: int, corpus: Sequence[str]):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(corpus, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=CHAT_TEMPLATE)
-    tokenizer.padding_side = "left"
+                                        additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=CHAT_TEMPLATE,
+                                        padding_side="left")   # saved with the tokenizer, as Qwen-VL releases do
     return tokenizer
 
 

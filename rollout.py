@@ -264,7 +264,11 @@ class Trajectory:
         ids = torch.tensor(self.input_ids)
         starts = int(((ids[:-1] == processor.vision_start_id) & (ids[1:] == processor.image_pad_id)).sum())
         pads = int((ids == processor.image_pad_id).sum())
-        return starts == len(self.image_grid_thw) and pads == sum(processor.tokens_for_grid(g) for g in self.image_grid_thw)
+        # a sampled <|video_pad|> with no video behind it would crash M-RoPE in the update: it counts as inconsistent
+        video_grids = self.video_inputs.get("video_grid_thw")
+        video_expected = sum(processor.tokens_for_grid(g) for g in video_grids.tolist()) if video_grids is not None else 0
+        return (starts == len(self.image_grid_thw) and video_expected == int((ids == processor.video_pad_id).sum())
+                and pads == sum(processor.tokens_for_grid(g) for g in self.image_grid_thw))
 
     def model_inputs(self, processor: VLProcessor) -> dict:
         """Inputs for one forward pass over the whole trajectory (batch of 1)."""

@@ -227,3 +227,13 @@ def test_sandbox_notes_reach_the_model(tiny_policy, image_tasks_dir, pool):
     # sys.exit() after the work is a successful call
     traj = run([task], ReplayEngine(p, [CODE.format("print(7)\nimport sys\nsys.exit(0)"), ANSWER.format("A")]), p, pool)[0]
     assert traj.end_reason == EndReason.DONE and traj.num_tool_calls == 1 and "7" in traj.turns[0].observation
+
+
+def test_sampled_video_pad_marks_the_trajectory_inconsistent(tiny_policy, image_tasks_dir, pool):
+    # a tiny model can sample <|video_pad|> in an image trajectory; OFR must drop it before M-RoPE sees it
+    _, p = tiny_policy
+    task = data.load_tasks(image_tasks_dir / "tasks.json")[0][0]
+    traj = run([task], ReplayEngine(p, ["oops <|video_pad|> " + ANSWER.format("A")]), p, pool)[0]
+    assert traj.end_reason == EndReason.DONE and not traj.vision_consistent
+    clean = run([task], ReplayEngine(p, [ANSWER.format("A")]), p, pool)[0]
+    assert clean.vision_consistent
