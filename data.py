@@ -345,20 +345,27 @@ def iter_image_tasks(n: int, seed: int) -> Iterator[tuple[Task, Image.Image]]:
         yield task, Image.fromarray(canvas)
 
 
-def generate_image_tasks(n: int, seed: int, out_dir: str | Path | None) -> list[Task]:
-    """Write `out_dir/tasks.json` and `out_dir/images/*.png` (same seed, same bytes). With out_dir=None, text only."""
+def _write_task_set(items, out_dir: str | Path | None, media_dir: str, suffix: str, save) -> list[Task]:
+    """Shared by the image and video generators: save each task's media with `save(media, path)`, point the task at
+    it, and write `out_dir/tasks.json`. With out_dir=None nothing is written (text only)."""
     tasks = []
     if out_dir is not None:
-        (Path(out_dir) / "images").mkdir(parents=True, exist_ok=True)
-    for task, image in iter_image_tasks(n, seed):
+        (Path(out_dir) / media_dir).mkdir(parents=True, exist_ok=True)
+    for task, media in items:
         if out_dir is not None:
-            path = Path(out_dir) / "images" / f"{task.id}.png"
-            image.save(path, format="PNG")
-            task.image_path = str(path)
+            path = Path(out_dir) / media_dir / f"{task.id}{suffix}"
+            save(media, path)
+            setattr(task, "image_path" if media_dir == "images" else "video_path", str(path))
         tasks.append(task)
     if out_dir is not None:
         write_tasks(tasks, Path(out_dir) / "tasks.json")
     return tasks
+
+
+def generate_image_tasks(n: int, seed: int, out_dir: str | Path | None) -> list[Task]:
+    """Write `out_dir/tasks.json` and `out_dir/images/*.png` (same seed, same bytes). With out_dir=None, text only."""
+    return _write_task_set(iter_image_tasks(n, seed), out_dir, "images", ".png",
+                           lambda image, path: image.save(path, format="PNG"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -598,18 +605,8 @@ def iter_video_tasks(n: int, seed: int) -> Iterator[tuple[Task, Iterator[np.ndar
 
 def generate_video_tasks(n: int, seed: int, out_dir: str | Path | None) -> list[Task]:
     """Write `out_dir/tasks.json` and `out_dir/videos/*.mp4` (same seed, same bytes). With out_dir=None, text only."""
-    tasks = []
-    if out_dir is not None:
-        (Path(out_dir) / "videos").mkdir(parents=True, exist_ok=True)
-    for task, frames in iter_video_tasks(n, seed):
-        if out_dir is not None:
-            path = Path(out_dir) / "videos" / f"{task.id}.mp4"
-            write_video(path, frames, fps=VIDEO_FPS, gop_size=VIDEO_GOP_FRAMES)
-            task.video_path = str(path)
-        tasks.append(task)
-    if out_dir is not None:
-        write_tasks(tasks, Path(out_dir) / "tasks.json")
-    return tasks
+    return _write_task_set(iter_video_tasks(n, seed), out_dir, "videos", ".mp4",
+                           lambda frames, path: write_video(path, frames, fps=VIDEO_FPS, gop_size=VIDEO_GOP_FRAMES))
 
 
 def main() -> None:

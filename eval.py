@@ -78,7 +78,7 @@ import time
 import traceback
 import zlib
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -99,8 +99,7 @@ from models import VLProcessor
 # Config
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+_f = train.config_field
 
 
 ENGINES = ("hf", "vllm", "scripted")

@@ -244,15 +244,22 @@ class VLProcessor:
         if i != len(image_grids) or v != len(video_grids):
             raise ValueError(f"{len(image_grids)} images / {len(video_grids)} videos were given but the texts hold "
                              f"{i} / {v} placeholders")
-        rows = [self.encode_text(t) for t in expanded]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)   # (B, T), left-padded
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)          # (B, T)
-        for b, r in enumerate(rows):
-            input_ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            attention_mask[b, width - len(r):] = 1
+        input_ids, attention_mask = self.pad([self.encode_text(t) for t in expanded], side="left")
         out.update(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=self.mm_token_type_ids(input_ids))
         return out
+
+    def pad(self, rows: Sequence[Sequence[int]], side: str = "left", value: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token rows -> (ids (B, T), attention_mask (B, T)), padded on `side` with `value` (default: the pad id).
+        Generation pads on the left (new tokens line up at the end); training pads on the right."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id if value is None else value, dtype=torch.long)   # (B, T)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)                                           # (B, T)
+        for b, r in enumerate(rows):
+            cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            ids[b, cols] = torch.tensor(list(r), dtype=torch.long)
+            mask[b, cols] = 1
+        return ids, mask
 
 
 # ---------------------------------------------------------------------------------------------------------------------

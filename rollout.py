@@ -38,7 +38,6 @@ Differences from the official code
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -56,7 +55,7 @@ import torch
 from PIL import Image
 
 from data import Task
-from models import IMAGE_PAD, IMAGE_PLACEHOLDER, VLProcessor
+from models import IMAGE_PLACEHOLDER, VLProcessor
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The protocol strings (method.md §2)
@@ -300,6 +299,21 @@ class Engine(Protocol):
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]: ...
 
 
+def batch_inputs(trajs: Sequence[Trajectory], processor: VLProcessor, device, side: str = "left") -> dict:
+    """Model inputs for a batch of whole trajectories: padded ids with their token types, and every image (and video)
+    of every trajectory in order. Generation pads on the left, the trainer on the right."""
+    ids, attention = processor.pad([t.input_ids for t in trajs], side=side)         # (B, T), (B, T)
+    inputs = {"input_ids": ids, "attention_mask": attention, "mm_token_type_ids": processor.mm_token_type_ids(ids)}
+    pixel_values = [pv for t in trajs for pv in t.pixel_values]
+    if pixel_values:
+        inputs["pixel_values"] = torch.cat(pixel_values)                             # (sum patches, dim)
+        inputs["image_grid_thw"] = torch.tensor([g for t in trajs for g in t.image_grid_thw])   # (N_images, 3)
+    videos = [t.video_inputs for t in trajs if t.video_inputs]
+    if videos:
+        inputs.update({k: torch.cat([v[k] for v in videos]) for k in videos[0]})
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
 def cut_at_stop(token_ids: list[int], processor: VLProcessor, stop: str = STOP) -> tuple[list[int], bool]:
     """Keep tokens up to and including the stop string; re-encode the last token when it overhangs the stop.
 
@@ -311,14 +325,15 @@ def cut_at_stop(token_ids: list[int], processor: VLProcessor, stop: str = STOP) 
     if at < 0:
         return token_ids, False
     end = at + len(stop)
-    for k in range(1, len(token_ids) + 1):
-        prefix = processor.decode(token_ids[:k])
-        if len(prefix) >= end:
-            if len(prefix) == end:
-                return token_ids[:k], True
-            head = processor.decode(token_ids[:k - 1])
-            return token_ids[:k - 1] + processor.encode_text(text[len(head):end]), True
-    return token_ids, True
+    # generation halts right after the stop, so the shortest prefix that still holds it is found from the end in a
+    # decode or two (scanning from the start would decode every prefix: quadratic in the turn length)
+    k = len(token_ids)
+    while k > 1 and len(processor.decode(token_ids[:k - 1])) >= end:
+        k -= 1
+    if len(processor.decode(token_ids[:k])) == end:
+        return token_ids[:k], True
+    head = processor.decode(token_ids[:k - 1])   # the k-th token overhangs the stop: keep only its part up to `end`
+    return token_ids[:k - 1] + processor.encode_text(text[len(head):end]), True
 
 
 class HFEngine:
@@ -331,23 +346,8 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
         p = self.processor
-        rows = [r.trajectory.input_ids for r in requests]
-        width = max(len(r) for r in rows)
-        device = self.model.device
-        input_ids = torch.full((len(rows), width), p.pad_id, dtype=torch.long)   # (B, T), left-padded
-        attention = torch.zeros_like(input_ids)                                   # (B, T)
-        for b, row in enumerate(rows):
-            input_ids[b, width - len(row):] = torch.tensor(row)
-            attention[b, width - len(row):] = 1
-        inputs = {"input_ids": input_ids, "attention_mask": attention, "mm_token_type_ids": p.mm_token_type_ids(input_ids)}
-        pixel_values = [pv for r in requests for pv in r.trajectory.pixel_values]
-        if pixel_values:
-            inputs["pixel_values"] = torch.cat(pixel_values)
-            inputs["image_grid_thw"] = torch.tensor([g for r in requests for g in r.trajectory.image_grid_thw])
-        videos = [r.trajectory.video_inputs for r in requests if r.trajectory.video_inputs]
-        if videos:
-            inputs.update({k: torch.cat([v[k] for v in videos]) for k in videos[0]})
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs = batch_inputs([r.trajectory for r in requests], p, self.model.device, side="left")
+        width = inputs["input_ids"].shape[1]
         # every knob explicit: otherwise the checkpoint's generation_config.json (e.g. top_k, repetition_penalty of an
         # Instruct release) would silently change the sampling distribution
         sampling = dict(do_sample=self.temperature > 0, temperature=self.temperature or None, top_p=self.top_p,

@@ -24,7 +24,7 @@ import argparse
 import json
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -40,8 +40,7 @@ import train
 from rollout import Trajectory
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+_f = train.config_field
 
 
 @dataclass

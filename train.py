@@ -41,7 +41,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -61,8 +61,12 @@ from rollout import Trajectory
 # Config
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help}, **kw)
+def config_field(default, help: str):
+    """A config dataclass field with its --help text (train.py, sft.py and eval.py build their flags from these)."""
+    return field(default=default, metadata={"help": help})
+
+
+_f = config_field
 
 
 @dataclass
@@ -264,25 +268,9 @@ class PromptStream:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def collate(trajs: Sequence[Trajectory], processor: models.VLProcessor, device) -> dict:
-    """Right-padded batch over whole trajectories, with every image of every trajectory in order."""
-    width = max(len(t.input_ids) for t in trajs)
-    ids = torch.full((len(trajs), width), processor.pad_id, dtype=torch.long)      # (B, T)
-    attention = torch.zeros_like(ids)                                               # (B, T)
-    action = torch.zeros_like(ids)                                                  # (B, T)
-    for b, t in enumerate(trajs):
-        ids[b, :len(t.input_ids)] = torch.tensor(t.input_ids)
-        attention[b, :len(t.input_ids)] = 1
-        action[b, :len(t.action_mask)] = torch.tensor(t.action_mask)
-    batch = {"input_ids": ids, "attention_mask": attention, "mm_token_type_ids": processor.mm_token_type_ids(ids)}
-    pixel_values = [pv for t in trajs for pv in t.pixel_values]
-    if pixel_values:
-        batch["pixel_values"] = torch.cat(pixel_values)                              # (sum patches, dim)
-        batch["image_grid_thw"] = torch.tensor([g for t in trajs for g in t.image_grid_thw])
-    videos = [t.video_inputs for t in trajs if t.video_inputs]
-    if videos:
-        batch.update({k: torch.cat([v[k] for v in videos]) for k in videos[0]})
-    batch = {k: v.to(device) for k, v in batch.items()}
-    return batch | {"action_mask": action.to(device)}
+    """Right-padded batch over whole trajectories (every image in order), plus the action mask (B, T)."""
+    action, _ = processor.pad([t.action_mask for t in trajs], side="right", value=0)   # (B, T)
+    return rollout.batch_inputs(trajs, processor, device, side="right") | {"action_mask": action.to(device)}
 
 
 def token_logprobs(model, batch: dict, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

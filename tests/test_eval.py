@@ -203,8 +203,6 @@ def test_benchmark_defaults_apply_unless_a_flag_overrides():
 
 
 def test_video_tasks_through_evaluate(tmp_path, processor):
-    if not hasattr(data, "generate_video_tasks"):
-        pytest.skip("data.generate_video_tasks is not available")
     tasks = data.generate_video_tasks(3, seed=0, out_dir=tmp_path / "videos")
     results = evaluation.evaluate(tasks, rollout.make_engine("scripted", processor=processor), processor,
                                   EvalConfig(engine="scripted"), tmp_path / "run")
