@@ -49,7 +49,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, Sequence
+from typing import Iterable, Literal, Protocol, Sequence
 
 import torch
 from PIL import Image
@@ -369,6 +369,14 @@ class HFEngine:
             results.append(GenResult(new, "stop" if stopped else "length"))
         return results
 
+    @torch.no_grad()
+    def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new (name, full tensor) weights into the engine's model, for when it holds a replica of the policy
+        (train.py under FSDP2, whose sharded policy cannot run `generate` rank by rank)."""
+        own = self.model.state_dict()
+        for name, tensor in weights:
+            own[name].copy_(tensor)
+
 
 class ScriptedExpert:
     """An expert policy for the synthetic tasks: it writes the task's solution code, reads what the sandbox printed and
@@ -416,7 +424,7 @@ class ScriptedExpert:
 
 class VLLMEngine:
     """vLLM rollouts (GPU only; `pip install -e .[vllm]`). Colocated with the trainer: `sleep()` frees its KV cache
-    while the trainer updates, `sync_weights(model)` loads the new weights in place after every update.
+    while the trainer updates, `sync_weights(weights)` loads the new weights in place after every update.
 
     Prompts go in as token ids plus PIL images. vLLM expands each image's single `<|image_pad|>` itself (as in the
     official code), so runs of pads in our expanded ids are collapsed to one before sending; the returned token ids are
@@ -431,12 +439,15 @@ class VLLMEngine:
             from vllm import LLM, SamplingParams
         except ImportError as e:
             raise ImportError("the vllm engine needs the GPU extra: pip install -e '.[vllm]'") from e
-        self.processor, self.sync_timeout_s = processor, sync_timeout_s
+        self.processor, self.sync_timeout_s, self.sampling_params = processor, sync_timeout_s, SamplingParams
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.llm = LLM(model=str(model_path), enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization,
                        max_model_len=max_model_len, limit_mm_per_prompt={"image": max_images, "video": 1}, seed=seed)
-        self.sampling = lambda max_tokens: SamplingParams(
-            temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=[STOP],
-            include_stop_str_in_output=True, skip_special_tokens=False, n=1)
+
+    def sampling(self, max_tokens: int):
+        return self.sampling_params(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                    max_tokens=max_tokens, stop=[STOP], include_stop_str_in_output=True,
+                                    skip_special_tokens=False, n=1)
 
     def _prompt(self, traj: Trajectory) -> dict:
         ids, pad = [], self.processor.image_pad_id
@@ -469,14 +480,15 @@ class VLLMEngine:
     def wake_up(self) -> None:
         self.llm.wake_up()
 
-    def sync_weights(self, model) -> None:
-        """Load the trainer's weights into vLLM; a failure or a timeout stops the run instead of hanging it."""
+    def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load the trainer's (name, full tensor) weights into vLLM; a failure or a timeout stops the run instead of
+        hanging it."""
         result: dict = {}
 
         def load():
             try:
                 runner_model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-                runner_model.load_weights((name, p.detach()) for name, p in model.state_dict().items())
+                runner_model.load_weights(weights)
                 result["ok"] = True
             except Exception as e:  # any failure here must surface, never leave rollouts on stale weights
                 result["error"] = e

@@ -21,6 +21,12 @@ Distribution
     end reason, ...) and gathered, so group statistics and OFR see all ranks and pick the same trajectories everywhere;
     each rank then trains on its kept trajectories. The token-mean loss is normalised by the global token count, so N
     ranks give the same update as one rank on the same data (tests/test_train.py checks this with gloo).
+    `--parallel ddp` keeps a full copy of the policy per rank; `--parallel fsdp2` (the paper presets) shards each
+    transformer block's parameters, gradients and AdamW state over the ranks, which is what lets a 7B policy train
+    beside a colocated vLLM on 80 GB cards. Checkpoints and the final export are gathered to full Hugging Face weights
+    on rank 0 whatever the layout, so a run can resume under the other layout (same number of ranks). A sharded
+    policy cannot run HF `generate` rank by rank, so with `--engine hf` the engine keeps a full replica that receives
+    the new weights after each update, exactly as vLLM does.
 
 Differences from the paper / official code
     * With one optimiser step per RL step (the default, on-policy) the old log-probs equal the current ones; we reuse
@@ -32,6 +38,7 @@ Differences from the paper / official code
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -99,6 +106,8 @@ class TrainConfig:
     kl_estimator: str = _f("k3", "k1 or k3")
     train_vision: bool = _f(False, "also train the vision tower (paper: frozen)")
     dtype: str = _f("float32", "parameter dtype: float32 or bfloat16")
+    parallel: str = _f("ddp", "how ranks hold the model: ddp (a full copy each) or fsdp2 (parameters, gradients and "
+                              "optimiser state sharded per transformer block: what a 7B policy needs)")
     # reward and OFR (the paper's ablation switches)
     tool_coef: float = _f(0.1, "accumulative tool reward per call, paid only when correct (0 = ablation)")
     std_sort: bool = _f(True, "rank groups by reward std (False: first come, first kept)")
@@ -134,12 +143,12 @@ PRESETS: dict[str, dict] = {
     "demo": dict(group_size=8, gen_batch_prompts=6, train_groups=3, max_draws=2, micro_batch=8, lr=1e-4,
                  max_turns=3, max_response_tokens=768, max_turn_tokens=160, tool_timeout_s=10.0, template_key="short",
                  max_steps=12, save_every=3, html_every=4),
-    "paper-image": dict(model="Agents-X/PyVision-Image-7B-SFT", engine="vllm", dtype="bfloat16", group_size=8,
-                        gen_batch_prompts=32, train_groups=16, lr=1e-6, max_turns=5, tool_coef=0.1, kl_coef=0.0,
+    "paper-image": dict(model="Agents-X/PyVision-Image-7B-SFT", engine="vllm", dtype="bfloat16", parallel="fsdp2",
+                        group_size=8, gen_batch_prompts=32, train_groups=16, lr=1e-6, max_turns=5, tool_coef=0.1, kl_coef=0.0,
                         clip_low=0.2, clip_high=0.2, dual_clip=3.0, loss_agg="token-mean", max_steps=700,
                         save_every=10, eval_every=20),
-    "paper-video": dict(model="Agents-X/PyVision-Video-7B-SFT", engine="vllm", dtype="bfloat16", group_size=8,
-                        gen_batch_prompts=32, train_groups=16, lr=1e-6, max_turns=5, tool_coef=0.1, kl_coef=0.0,
+    "paper-video": dict(model="Agents-X/PyVision-Video-7B-SFT", engine="vllm", dtype="bfloat16", parallel="fsdp2",
+                        group_size=8, gen_batch_prompts=32, train_groups=16, lr=1e-6, max_turns=5, tool_coef=0.1, kl_coef=0.0,
                         clip_low=0.2, clip_high=0.2, dual_clip=3.0, loss_agg="token-mean", max_steps=700,
                         save_every=10, eval_every=20),
 }
@@ -320,20 +329,25 @@ class UpdateStats:
 
 
 def update(model, optimizer, trajs: Sequence[Trajectory], advantages: Sequence[float], cfg: TrainConfig,
-           processor: models.VLProcessor, d: Dist, ref_model=None) -> UpdateStats:
+           processor: models.VLProcessor, d: Dist, ref_model=None, spare: Trajectory | None = None) -> UpdateStats:
     """PPO-clip on the kept trajectories of this rank. Normalisers are global (all ranks), so the update does not
-    depend on how trajectories are split over ranks; every rank runs the same number of backward passes."""
+    depend on how trajectories are split over ranks; every rank runs the same number of forward and backward passes
+    (DDP and FSDP2 communicate in them), padding with zero-weight passes over `spare` (or its first kept trajectory)
+    when it has fewer or none kept."""
     stats = UpdateStats()
     pairs = list(zip(trajs, advantages))
+    filler = trajs[0] if trajs else spare
     chunks = [pairs[i::cfg.mini_batches] for i in range(cfg.mini_batches)]
     old = {}
     if cfg.mini_batches > 1:  # off-policy within the step: freeze log-probs of the sampling weights first
+        starts = range(0, len(pairs), cfg.micro_batch)
         with torch.no_grad():
-            for start in range(0, len(pairs), cfg.micro_batch):
-                part = [t for t, _ in pairs[start:start + cfg.micro_batch]]
+            # FSDP2 gathers weights in every forward: all ranks run as many forwards (spare ones on a real trajectory)
+            for m in range(max(all_gather_objects(len(starts), d))):
+                part = [t for t, _ in pairs[starts[m]:starts[m] + cfg.micro_batch]] if m < len(starts) else [filler]
                 logp, _ = token_logprobs(model, collate(part, processor, d.device))
                 for k, t in enumerate(part):
-                    old[id(t)] = logp[k]
+                    old.setdefault(id(t), logp[k])
     for chunk in chunks:
         # global normalisers: the mean over every action token (or sequence) of this mini-batch on every rank
         tokens = all_reduce_sum(float(sum(sum(t.action_mask) for t, _ in chunk)), d)
@@ -343,7 +357,7 @@ def update(model, optimizer, trajs: Sequence[Trajectory], advantages: Sequence[f
         optimizer.zero_grad(set_to_none=True)
         for m in range(n_micro):
             # ranks with fewer kept trajectories repeat a real one with zero weight, so DDP's collectives line up
-            part, weight = (micro[m], 1.0) if m < len(micro) else ((micro or [[pairs[0]]])[0][:1], 0.0)
+            part, weight = (micro[m], 1.0) if m < len(micro) else ([(filler, 0.0)], 0.0)
             batch = collate([t for t, _ in part], processor, d.device)
             mask = batch["action_mask"][:, 1:].float()                              # (B, T-1): targets that are actions
             adv = torch.tensor([a for _, a in part], dtype=torch.float32, device=d.device)[:, None]   # (B, 1)
@@ -369,7 +383,8 @@ def update(model, optimizer, trajs: Sequence[Trajectory], advantages: Sequence[f
             stats.clip_frac += float((clip_frac * mask).sum()) * weight / max(tokens, 1)
             stats.tokens += float(mask.sum()) * weight
         params = [p for p in model.parameters() if p.requires_grad]
-        stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        stats.grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP2: a DTensor
         optimizer.step()
     for name in ("loss", "kl", "entropy", "clip_frac"):
         setattr(stats, name, all_reduce_sum(getattr(stats, name), d) / cfg.mini_batches)
@@ -385,25 +400,47 @@ def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
 # Checkpoints: atomic directories, newest wins
 # ---------------------------------------------------------------------------------------------------------------------
 
+def full_state_dicts(model, optimizer=None) -> tuple[dict, dict | None]:
+    """Unsharded model (and optimiser) state, on rank 0's CPU. The same call serves one process, DDP and FSDP2; it is
+    a collective, so every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
+
+
+def write_hf_dir(model, model_state: dict, processor, path: Path) -> None:
+    """A Hugging Face checkpoint directory from a full state dict. Tied weights (Qwen's lm_head = embeddings) come
+    back from the gather as two copies; the tied one is left out, as from_pretrained ties it again."""
+    model = unwrap(model)
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    model.save_pretrained(path, state_dict={k: v for k, v in model_state.items() if k not in tied})
+    processor.save_pretrained(path)
+
+
+def export_model(model, processor, path: Path, d: Dist) -> None:
+    """Write the final Hugging Face directory (what eval.py and vLLM load) from rank 0; every rank calls this."""
+    model_state, _ = full_state_dicts(model)
+    if d.main:
+        write_hf_dir(model, model_state, processor, path)
+
+
 def save_checkpoint(out: Path, step: int, model, optimizer, processor, stream: PromptStream, extra: dict, d: Dist,
                     keep: int) -> None:
     """Write ckpt/step_N atomically: everything goes to a temp dir that is renamed only when complete."""
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     rngs = all_gather_objects(rng, d)           # each rank's RNG state, so resumed ranks continue exactly
-    if not d.main:
-        if d.world > 1:
-            dist.barrier()
-        return
-    final, tmp = out / "ckpt" / f"step_{step:06d}", out / "ckpt" / f".tmp_step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    unwrap(model).save_pretrained(tmp / "model")
-    processor.save_pretrained(tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rngs}, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "stream": stream.state(), **extra}))
-    os.replace(tmp, final)
-    for old in sorted((out / "ckpt").glob("step_*"))[:-keep]:
-        shutil.rmtree(old)
+    model_state, optimizer_state = full_state_dicts(model, optimizer)   # gathered from every rank's shards
+    if d.main:
+        final, tmp = out / "ckpt" / f"step_{step:06d}", out / "ckpt" / f".tmp_step_{step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_hf_dir(model, model_state, processor, tmp / "model")
+        torch.save({"optimizer": optimizer_state, "rng": rngs}, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "stream": stream.state(), **extra}))
+        os.replace(tmp, final)
+        for old in sorted((out / "ckpt").glob("step_*"))[:-keep]:
+            shutil.rmtree(old)
     if d.world > 1:
         dist.barrier()
 
@@ -415,6 +452,30 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
+
+
+def wrap_model(model, cfg: TrainConfig, d: Dist):
+    """Share the policy over the ranks: DDP keeps a full copy per rank; FSDP2 shards every transformer block of the
+    language model and of the vision tower as one unit, and the rest (embeddings, head, merger) with the root, so a
+    block's weights are gathered only while it runs. One process: the model as it is."""
+    if d.world == 1:
+        return model
+    if cfg.parallel == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if cfg.parallel == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+        for block in [*model.model.language_model.layers, *model.model.visual.blocks]:
+            fully_shard(block)
+        return fully_shard(model)
+    raise ValueError(f"unknown --parallel {cfg.parallel!r}; choose ddp or fsdp2")
+
+
+def full_weights(model):
+    """(name, unsharded tensor) for every weight, for the rollout engine; under FSDP2 each one is all-gathered, so
+    every rank walks this in the same order."""
+    from torch.distributed.tensor import DTensor
+    for name, tensor in unwrap(model).state_dict().items():
+        yield name, (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -492,11 +553,12 @@ def prepare_inputs(cfg: TrainConfig, out: Path, d: Dist) -> tuple[str, list[data
 class Run:
     """Everything the loop works with, built once by `setup` (fresh or from a checkpoint)."""
     model: torch.nn.Module                 # the policy (unwrapped)
-    train_model: torch.nn.Module           # the same, DDP-wrapped when world > 1
+    train_model: torch.nn.Module           # the same, DDP-wrapped or FSDP2-sharded when world > 1
     ref_model: torch.nn.Module | None      # only when kl_coef > 0
     processor: models.VLProcessor
     optimizer: torch.optim.Optimizer
     engine: rollout.Engine
+    engine_has_own_weights: bool           # vLLM, or the HF engine's replica under FSDP2: sync after every update
     stream: PromptStream
     start_step: int
     extra: dict                            # carried across resumes: the first step's tool calls (collapse alarm)
@@ -516,13 +578,21 @@ def setup(cfg: TrainConfig, d: Dist, out: Path) -> Run:
     if not cfg.train_vision:
         model.model.visual.requires_grad_(False)   # the paper freezes the vision tower
     ref_model = models.load_policy(model_path, dtype=cfg.dtype, device=str(d.device))[0].eval() if cfg.kl_coef > 0 else None
+    # a sharded policy cannot run `generate` rank by rank (its all-gathers would have to line up), so under FSDP2 the
+    # HF engine gets a full replica, refreshed after every update like vLLM's copy
+    engine_has_own_weights = cfg.engine == "vllm" or (cfg.engine == "hf" and cfg.parallel == "fsdp2" and d.world > 1)
+    engine = make_train_engine(cfg, copy.deepcopy(model) if cfg.engine == "hf" and engine_has_own_weights else model,
+                               processor, str(resume_from / "model") if resume_from else model_path)
+    train_model = wrap_model(model, cfg, d)     # before the optimiser: FSDP2 replaces the parameters by shards
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     stream, start_step, extra = PromptStream(tasks, cfg.seed), 0, {"first_tool_calls": None}
     if resume_from:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         meta = json.loads((resume_from / "meta.json").read_text())
         state = torch.load(resume_from / "state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        # every rank reads the full state and keeps its own shard of it
+        set_optimizer_state_dict(train_model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         rng = state["rng"][d.rank]
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
         stream = PromptStream(tasks, cfg.seed, **meta["stream"])
@@ -534,9 +604,8 @@ def setup(cfg: TrainConfig, d: Dist, out: Path) -> Run:
     ofr_cfg = ofr.OFRConfig(train_groups=cfg.train_groups, group_size=cfg.group_size, max_draws=cfg.max_draws,
                             std_sort=cfg.std_sort, std_norm=cfg.std_norm, whole_groups=cfg.whole_groups,
                             adv_timing=cfg.adv_timing, require_image=cfg.require_image)
-    return Run(model, torch.nn.parallel.DistributedDataParallel(model) if d.world > 1 else model, ref_model, processor,
-               optimizer, make_train_engine(cfg, model, processor, model_path), stream, start_step, extra, rollout_cfg,
-               ofr_cfg)
+    return Run(model, train_model, ref_model, processor, optimizer, engine, engine_has_own_weights, stream, start_step,
+               extra, rollout_cfg, ofr_cfg)
 
 
 class GroupSampler:
@@ -619,14 +688,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             upd = UpdateStats()
             if result.trajectories:   # nothing survived OFR within the draw cap: skip the update (logged)
                 upd = update(run.train_model, run.optimizer, [t for t, _ in kept], [a for _, a in kept], cfg,
-                             run.processor, d, run.ref_model)
+                             run.processor, d, run.ref_model, spare=sampler.local[0])
             update_s = time.perf_counter() - t0
 
             # 3) new weights to the rollout engine
             t0 = time.perf_counter()
-            if hasattr(run.engine, "sync_weights"):
-                run.engine.wake_up()
-                run.engine.sync_weights(run.model)
+            if run.engine_has_own_weights:
+                if hasattr(run.engine, "wake_up"):
+                    run.engine.wake_up()
+                run.engine.sync_weights(full_weights(run.model))
             sync_s = time.perf_counter() - t0
 
             # 4) log: reward parts, tool use, OFR, loss, timings; alarm on interaction collapse; a few trajectories
@@ -644,11 +714,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 save_checkpoint(out, step + 1, run.train_model, run.optimizer, run.processor, run.stream, run.extra, d,
                                 cfg.keep_checkpoints)
             if cfg.eval_every and cfg.eval_data and (step + 1) % cfg.eval_every == 0 and d.main:
-                periodic_eval(cfg, run.model, run.processor, out, step + 1, log)
+                periodic_eval(cfg, run, out, step + 1, log)
 
-    if d.main:
-        run.model.save_pretrained(out / "final")
-        run.processor.save_pretrained(out / "final")
+    export_model(run.train_model, run.processor, out / "final", d)
     if d.world > 1:
         dist.destroy_process_group()
 
@@ -662,10 +730,17 @@ def make_train_engine(cfg: TrainConfig, model, processor, model_path: str):
                                top_p=cfg.top_p)
 
 
-def periodic_eval(cfg: TrainConfig, model, processor, out: Path, step: int, log: MetricsLog) -> None:
+def periodic_eval(cfg: TrainConfig, run: Run, out: Path, step: int, log: MetricsLog) -> None:
+    """Greedy evaluation on rank 0, with the rollout engine's own weights when it has them (vLLM, or the replica under
+    FSDP2, where the sharded policy cannot run alone), else with the policy itself."""
     import eval as evaluation
     tasks, _ = data.load_tasks(cfg.eval_data)
-    results = evaluation.evaluate(tasks, rollout.make_engine("hf", model, processor, temperature=0.0), processor,
+    if run.engine_has_own_weights:
+        engine = copy.copy(run.engine)
+        engine.temperature = 0.0
+    else:
+        engine = rollout.make_engine("hf", run.model, run.processor, temperature=0.0)
+    results = evaluation.evaluate(tasks, engine, run.processor,
                                   evaluation.EvalConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
                                                         max_turn_tokens=cfg.max_turn_tokens, temperature=0.0,
                                                         template_file=cfg.template_file, template_key=cfg.template_key,
