@@ -42,11 +42,11 @@ $(DEMO)/data/train/tasks.json: | $(STAMP)
 	$(call timed,data_train,$(PY) data.py --kind image --n 512 --seed 1 --out $(DEMO)/data/train)
 
 $(DEMO)/data/heldout/tasks.json: | $(STAMP)
-	$(call timed,data_heldout,$(PY) data.py --kind image --n 96 --seed 2 --out $(DEMO)/data/heldout)
+	$(call timed,data_heldout,$(PY) data.py --kind image --n 192 --seed 2 --out $(DEMO)/data/heldout)
 
 $(DEMO)/sft/model/config.json: $(DEMO)/model/config.json $(DEMO)/data/train/tasks.json
 	$(call timed,sft,$(PY) sft.py --model $(DEMO)/model --image-tasks $(DEMO)/data/train/tasks.json \
-		--output-dir $(DEMO)/sft --epochs 8 --lr 2e-3 --max-turns 3 $(SHORT))
+		--output-dir $(DEMO)/sft --epochs 6 --lr 2e-3 --max-turns 3 --train-vision --direct-rate 0.5 $(SHORT))
 
 $(DEMO)/eval_sft/results.json: $(DEMO)/sft/model/config.json $(DEMO)/data/heldout/tasks.json
 	$(call timed,eval_sft,$(PY) eval.py --engine hf --model $(DEMO)/sft/model --data $(DEMO)/data/heldout/tasks.json \
@@ -68,22 +68,38 @@ clean:
 	rm -rf runs
 
 # ---- the paper's ablations in miniature: each from the demo's cold-start checkpoint, 2 seeds ------------------------
-# (several minutes per run on 2 cores: ~1 h in all; runs resume, finished ones are skipped)
+# (about 4 min per run on 2 cores: ~1 h in all; runs resume, finished ones are skipped)
 ABL      := runs/ablations
 SEEDS    := 1 2
-ABLATIONS:= full tool_coef_0 no_std_sort std_norm turns_2 turns_4
-flags_full        :=
-flags_tool_coef_0 := --tool-coef 0
-flags_no_std_sort := --no-std-sort
-flags_std_norm    := --std-norm
-flags_turns_2     := --max-turns 3
-flags_turns_4     := --max-turns 5
+# the demo preset allows 3 rounds, i.e. a turn budget of 2 tool calls: `full` is also the budget-2 run of the pair
+ABLATIONS:= full tool_coef_0 no_std_sort std_norm turns_4 video_on_demand video_full_context
+IMAGE_RUN:= --model $(DEMO)/sft/model --data $(DEMO)/data/train/tasks.json
+# the video pair: the cold start continued on video expert trajectories, then RL on video tasks with the video only in
+# the sandbox (on demand, the paper's method) or its frames in the prompt (full context, the baseline)
+VIDEO_RUN:= --model $(ABL)/video_sft/model --data $(DEMO)/data/video_train/tasks.json
 
-ablations: $(DEMO)/sft/model/config.json $(DEMO)/data/train/tasks.json
-	@for a in $(ABLATIONS); do for s in $(SEEDS); do \
-		case $$a in full) f="$(flags_full)";; tool_coef_0) f="$(flags_tool_coef_0)";; no_std_sort) f="$(flags_no_std_sort)";; \
-		std_norm) f="$(flags_std_norm)";; turns_2) f="$(flags_turns_2)";; turns_4) f="$(flags_turns_4)";; esac; \
-		test -f $(ABL)/$$a-s$$s/final/config.json || $(PY) train.py --preset demo --model $(DEMO)/sft/model \
-			--data $(DEMO)/data/train/tasks.json --seed $$s --output-dir $(ABL)/$$a-s$$s --resume $$f || exit 1; \
-	done; done
+$(DEMO)/data/video_train/tasks.json: | $(STAMP)
+	$(PY) data.py --kind video --n 96 --seed 1 --out $(DEMO)/data/video_train
+
+$(ABL)/video_sft/model/config.json: $(DEMO)/sft/model/config.json $(DEMO)/data/video_train/tasks.json
+	$(PY) sft.py --model $(DEMO)/sft/model --n-image 0 --video-tasks $(DEMO)/data/video_train/tasks.json \
+		--output-dir $(ABL)/video_sft --epochs 10 --lr 2e-3 --max-turns 3 $(SHORT)
+
+flags_full               := $(IMAGE_RUN)
+flags_tool_coef_0        := $(IMAGE_RUN) --tool-coef 0
+flags_no_std_sort        := $(IMAGE_RUN) --no-std-sort
+flags_std_norm           := $(IMAGE_RUN) --std-norm
+flags_turns_4            := $(IMAGE_RUN) --max-turns 5
+flags_video_on_demand    := $(VIDEO_RUN) --video-context on_demand
+flags_video_full_context := $(VIDEO_RUN) --video-context full_context
+ABL_RUNS := $(foreach a,$(ABLATIONS),$(foreach s,$(SEEDS),$(ABL)/$(a)-s$(s)/final/config.json))
+
+# one run: runs/ablations/NAME-sSEED (NAME picks the flags above)
+$(ABL)/%/final/config.json: $(DEMO)/sft/model/config.json $(DEMO)/data/train/tasks.json $(ABL)/video_sft/model/config.json
+	$(PY) train.py --preset demo --seed $(lastword $(subst -s, ,$*)) --output-dir $(ABL)/$* --resume \
+		$(flags_$(firstword $(subst -s, ,$*))) --html-every 0
+
+# two runs at a time with one thread each: on 2 cores that is faster than one run with two threads
+ablations: $(DEMO)/sft/model/config.json $(ABL)/video_sft/model/config.json
+	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 $(ABL_RUNS)
 	$(PY) eval.py ablation-report $(ABL)

@@ -82,6 +82,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -624,8 +625,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_training_curves(runs: dict[str, Sequence[str | Path]], path: Path, keys: Sequence[str] = CURVE_KEYS) -> None:
-    """One panel per metric; one line per run label (mean over its seeds, shaded min-max when several)."""
+def plot_training_curves(runs: dict[str, Sequence[str | Path]], path: Path, keys: Sequence[str] = CURVE_KEYS,
+                         smooth: int = 5) -> None:
+    """One panel per metric; one line per run label: each seed's trailing mean over `smooth` steps (a step sees only a
+    few prompts, so raw values jump), then the mean over seeds, shaded min-max when there are several."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     cols = 3
@@ -636,13 +639,12 @@ def plot_training_curves(runs: dict[str, Sequence[str | Path]], path: Path, keys
         for label, run_dirs in runs.items():
             series = [{m["step"]: m.get(key) for m in read_metrics(d)} for d in run_dirs]
             steps = sorted(set.intersection(*(set(s) for s in series)))
-            values = [[s[t] if s[t] is not None else math.nan for s in series] for t in steps]   # (steps, seeds)
-            mean = [statistics.fmean(v) if not any(map(math.isnan, v)) else math.nan for v in values]
-            line, = ax.plot(steps, mean, label=label)
+            raw = np.array([[s[t] if s[t] is not None else np.nan for s in series] for t in steps], float)  # (steps, seeds)
+            values = np.array([raw[max(0, i - smooth + 1):i + 1].mean(0) for i in range(len(steps))])  # (steps, seeds)
+            line, = ax.plot(steps, values.mean(1), label=label)
             if len(run_dirs) > 1:
-                ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2,
-                                color=line.get_color())
-        ax.set(title=key, xlabel="RL step")
+                ax.fill_between(steps, values.min(1), values.max(1), alpha=0.2, color=line.get_color())
+        ax.set(title=f"{key} ({smooth}-step mean)" if smooth > 1 else key, xlabel="RL step")
     fig.axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -668,7 +670,8 @@ def demo_summary(sft_eval: str | Path, rl_eval: str | Path, train_dir: str | Pat
     return summary
 
 
-ABLATION_KEYS = ("acc/mean", "tool/calls_mean", "rollout/turns_mean", "adv/neg_correct_frac")
+ABLATION_KEYS = ("acc/mean", "tool/calls_mean", "rollout/turns_mean", "adv/neg_correct_frac",
+                 "rollout/visual_tokens_mean")
 
 
 def ablation_report(root: str | Path, last: int = 3) -> str:

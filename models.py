@@ -7,7 +7,9 @@ What this file is
       * a `VLProcessor`, which turns chat text plus images/video frames into `input_ids`, `attention_mask`,
         `mm_token_type_ids`, `pixel_values`, `image_grid_thw` (and the video equivalents).
     `build_tiny(out_dir)` writes a deterministic, random-weight Qwen2.5-VL with an offline-trained byte-level BPE tokenizer,
-    so tests and the CPU demo use the very same loading path a 7B checkpoint uses.
+    so tests and the CPU demo use the very same loading path a 7B checkpoint uses. The demo size then gets a few minutes
+    of text-only copy pretraining (`pretrain_copying`), the one pretrained skill the method leans on that a random
+    model lacks: repeating a number it has read.
 
 Why our own processor
     In transformers 5.x `AutoProcessor` for the Qwen-VL family requires torchvision (its video processor does), and PyPI's
@@ -19,7 +21,7 @@ Why our own processor
 
 How to run
     python models.py tiny --out runs/tiny --size test      # ~1 M params, for tests
-    python models.py tiny --out runs/tiny-demo --size demo  # the CPU demo's policy
+    python models.py tiny --out runs/tiny-demo --size demo  # the CPU demo's policy (with ~5 min of copy pretraining)
     python -c "from models import load_policy; m, p = load_policy('Agents-X/PyVision-Image-7B-SFT', dtype='bfloat16', device='cuda')"
 
 Differences from the official code
@@ -35,13 +37,16 @@ import argparse
 import json
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 # Qwen's special tokens, in the order Qwen2.5-VL assigns them. The tiny tokenizer reserves the same set so every
 # code path (chat template, pad expansion, token-type ids) is exercised exactly as with the real vocabulary.
@@ -308,6 +313,7 @@ class TinySize:
     vision_depth: int
     min_pixels: int
     max_pixels: int
+    copy_steps: int = 0      # steps of copy pretraining (see pretrain_copying); 0 leaves the weights random
 
 
 TINY_SIZES = {
@@ -316,7 +322,7 @@ TINY_SIZES = {
                      min_pixels=56 * 56, max_pixels=224 * 224),
     # the CPU demo's policy: one GRPO step of 8 rollouts stays within ~10 s (environment.md §4)
     "demo": TinySize(vocab_size=2048, hidden=256, layers=4, heads=4, kv_heads=2, vision_hidden=128, vision_depth=2,
-                     min_pixels=56 * 56, max_pixels=224 * 224),
+                     min_pixels=56 * 56, max_pixels=224 * 224, copy_steps=400),
 }
 
 # Strings the policy must write and read cheaply: the PyVision protocol (method.md §2) and the runtime's names.
@@ -400,7 +406,94 @@ def build_tiny(out_dir: str | os.PathLike, seed: int = 0, size: str = "test") ->
     tokenizer.save_pretrained(out)
     Qwen2VLImageProcessorPil(size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}).save_pretrained(out)
     (out / "tiny.json").write_text(json.dumps({"size": size, "seed": seed, **spec.__dict__}, indent=1))
+    if spec.copy_steps:
+        model, processor = load_policy(out)
+        log = pretrain_copying(model, processor, spec.copy_steps, seed=seed)
+        model.save_pretrained(out)
+        (out / "copy_pretraining.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Skills pretraining: what a pretrained VLM already knows and a random tiny one does not
+# ---------------------------------------------------------------------------------------------------------------------
+# PyVision-RL starts from Qwen2.5-VL, which can copy a number it has just read. The method relies on that twice: code
+# reuses the coordinates given in the question, and the answer repeats what the code printed. A random 4 M-parameter
+# model does not learn copying from a cold start of a few thousand trajectories (measured: after 512 SFT steps it
+# answered with the most frequent value whatever the tool printed, on training tasks too). A few hundred steps of
+# text-only pretraining on copy documents give it that skill. The documents carry random values and no task's
+# images or answers, so nothing about the evaluation tasks is learnt here.
+
+CALLS = ["getpixel", "crop", "point", "mark", "locate", "inspect"]
+
+
+def _copy_document(rng: random.Random) -> list[tuple[str, bool]]:
+    """One document as (text, is_target) pieces; the loss is on targets only. Two kinds, half each:
+    read a tool result into the answer (the last printed line), or reuse numbers from a question in a call."""
+    if rng.random() < 0.5:
+        kind = rng.random()
+        if kind < 0.35:
+            printed = last = str(rng.randint(0, 999))
+        elif kind < 0.55:
+            printed = last = rng.choice("ABCDEFGH")
+        elif kind < 0.8:
+            last = rng.choice("ABCDEFGH")
+            printed = f"({rng.randint(0, 255)}, {rng.randint(0, 255)}, {rng.randint(0, 255)})\n{last}"
+        else:
+            last = str(rng.randint(0, 99))
+            printed = f"{rng.uniform(0, 100)} {rng.uniform(0, 100)}\n{last}"
+        return [(f"<|im_start|>user\n<tool_response>\n<interpreter>\nText Result:\n{printed}</interpreter>\n\n"
+                 f"</tool_response><|im_end|>\n<|im_start|>assistant\n<answer>\n\\boxed{{", False),
+                (f"{last}}}\n</answer><|im_end|>\n", True)]
+    values = [rng.randint(0, 799) for _ in range(rng.choice([1, 2, 2, 4]))]
+    named = len(values) == 2 and rng.random() < 0.5
+    given = f"(x={values[0]}, y={values[1]})" if named else "(" + ", ".join(map(str, values)) + ")"
+    filler = " ".join(rng.choice(["the", "small", "square", "patch", "image", "at", "of", "is", "what", "which", "colour"])
+                      for _ in range(rng.randint(0, 12)))
+    call = rng.choice(CALLS)
+    return [(f"<|im_start|>user\nQuestion: {filler} {given}? {filler}<|im_end|>\n<|im_start|>assistant\n<code>\n"
+             f"```python\nresult = image_clue_0.{call}((", False),
+            (", ".join(map(str, values)) + "))\n", True)]
+
+
+def pretrain_copying(model, processor: "VLProcessor", steps: int, seed: int = 0, batch: int = 32, seq_len: int = 128,
+                     lr: float = 1e-3) -> list[dict]:
+    """Train the language model on packed copy documents (AdamW, warm-up then cosine). Returns a log (first step, then
+    every 25) with the loss and the accuracy on the copied tokens."""
+    rng = random.Random(seed)
+    params = list(model.model.language_model.parameters())   # the head is tied to the embeddings
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
+
+    def row() -> tuple[list[int], list[int]]:
+        ids, mask = [], []
+        while len(ids) < seq_len + 1:
+            for text, is_target in _copy_document(rng):
+                piece = processor.encode_text(text)
+                ids += piece
+                mask += [int(is_target)] * len(piece)
+        return ids[:seq_len + 1], mask[:seq_len + 1]
+
+    log = []
+    model.train()
+    for step in tqdm(range(steps), desc="copy pretraining"):
+        rows = [row() for _ in range(batch)]
+        ids = torch.tensor([r[0] for r in rows])                       # (B, L+1)
+        target_mask = torch.tensor([r[1] for r in rows])[:, 1:].bool()  # (B, L): which next tokens are copies
+        logits = model(input_ids=ids[:, :-1]).logits                     # (B, L, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")   # (B, L)
+        loss = nll[target_mask].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if step == 0 or (step + 1) % 25 == 0 or step + 1 == steps:
+            hit = (logits.argmax(-1) == ids[:, 1:])[target_mask].float().mean()
+            log.append({"step": step + 1, "loss": float(loss), "copy_acc": float(hit)})
+    model.eval()
+    return log
 
 
 def main() -> None:

@@ -384,16 +384,16 @@ class ScriptedExpert:
     parsing, sandbox, observation format, budgets — is exercised for real.
 
     Variants used for the SFT cold start: `recover_rate` writes a broken first attempt (a typo'd name) before the real
-    code, which only helps when errors are fed back (`on_error="feedback"`); `direct_when_possible` answers tool-free
-    tasks (`needs_tool=False`) directly, as a model that sees the image would.
+    code, which only helps when errors are fed back (`on_error="feedback"`); `direct_rate` answers that fraction of the
+    tool-free tasks (`needs_tool=False`) directly, as a model that sees the image would, and the rest with code.
     """
 
-    def __init__(self, processor: VLProcessor, recover_rate: float = 0.0, direct_when_possible: bool = False, seed: int = 0):
-        self.processor, self.recover_rate, self.direct, self.seed = processor, recover_rate, direct_when_possible, seed
+    def __init__(self, processor: VLProcessor, recover_rate: float = 0.0, direct_rate: float = 0.0, seed: int = 0):
+        self.processor, self.recover_rate, self.direct_rate, self.seed = processor, recover_rate, direct_rate, seed
 
-    def _coin(self, traj: Trajectory) -> float:
-        # a draw per (seed, task, sample), so the choice does not depend on batching or on which rank runs it
-        return zlib.crc32(f"{self.seed}/{traj.task.id}/{traj.sample_index}".encode()) / 2 ** 32
+    def _coin(self, traj: Trajectory, what: str) -> float:
+        # a draw per (seed, task, sample, choice), so it does not depend on batching or on which rank runs it
+        return zlib.crc32(f"{self.seed}/{traj.task.id}/{traj.sample_index}/{what}".encode()) / 2 ** 32
 
     def _say(self, text: str, finish: str) -> GenResult:
         ids = self.processor.encode_text(text) + ([self.processor.eos_id] if finish == "eos" else [])
@@ -405,9 +405,9 @@ class ScriptedExpert:
             raise ValueError(f"task {task.id}: the scripted expert needs a task with solution_code (synthetic tasks)")
         answer_with = lambda a: self._say(f"<answer>\n\\boxed{{{a}}}\n</answer>", "eos")
         if not traj.turns:
-            if self.direct and task.needs_tool is False:
+            if task.needs_tool is False and self._coin(traj, "direct") < self.direct_rate:
                 return answer_with(task.answer)
-            if self._coin(traj) < self.recover_rate:
+            if self._coin(traj, "recover") < self.recover_rate:
                 broken = task.solution_code.replace("image_clue_0", "image_clue", 1).replace("video_clue_0", "video_clue", 1)
                 return self._say(f"Let me inspect the {traj.mode} with code.\n<code>\n```python\n{broken}\n```\n</code>", "stop")
         last = traj.turns[-1] if traj.turns else None

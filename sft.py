@@ -52,9 +52,12 @@ class SFTConfig:
     video_tasks: str = _f("", "synthetic video tasks.json for expert trajectories (empty: none)")
     n_image: int = _f(256, "image tasks to generate when --image-tasks is empty")
     recover_rate: float = _f(0.15, "fraction of expert trajectories that first write broken code, then fix it")
-    direct_rate: float = _f(1.0, "answer tool-free tasks directly (1.0: always, as a model that sees the image)")
+    direct_rate: float = _f(1.0, "fraction of tool-free tasks answered directly, the rest with code (1.0: always "
+                                 "direct, as a model that sees the image)")
     epochs: int = _f(3, "passes over the trajectories")
-    lr: float = _f(1e-3, "AdamW learning rate (cosine decay to 10%)")
+    lr: float = _f(1e-3, "AdamW learning rate (linear warm-up, then cosine decay to 10%)")
+    warmup_steps: int = _f(20, "steps of linear warm-up: full-size first steps on a new format wreck what the "
+                               "starting checkpoint could already do (measured: the tiny model's copying)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     batch_size: int = _f(8, "trajectories per optimiser step")
     micro_batch: int = _f(8, "trajectories per forward/backward")
@@ -81,7 +84,7 @@ def expert_trajectories(tasks: Sequence[data.Task], processor: models.VLProcesso
     was filtered the same way)."""
     from sandbox import SandboxPool
     expert = rollout.ScriptedExpert(processor, recover_rate=cfg.recover_rate,
-                                    direct_when_possible=cfg.direct_rate > 0, seed=cfg.seed)
+                                    direct_rate=cfg.direct_rate, seed=cfg.seed)
     rcfg = rollout.RolloutConfig(max_turns=cfg.max_turns, on_error="feedback", template_key=cfg.template_key)
     trajs = []
     with SandboxPool() as pool:
@@ -178,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     steps_per_epoch = math.ceil(len(trajs) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+        optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1))
+        * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))))
     train_model = torch.nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
     model.train()
     rng = random.Random(cfg.seed)

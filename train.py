@@ -142,7 +142,7 @@ PRESETS: dict[str, dict] = {
     # the CPU demo (make demo): RL from the cold-start checkpoint on synthetic image tasks, a few minutes on 2 cores
     "demo": dict(group_size=8, gen_batch_prompts=6, train_groups=3, max_draws=2, micro_batch=8, lr=1e-4,
                  max_turns=3, max_response_tokens=768, max_turn_tokens=160, tool_timeout_s=10.0, template_key="short",
-                 max_steps=12, save_every=3, html_every=4),
+                 max_steps=20, save_every=4, html_every=5),
     "paper-image": dict(model="Agents-X/PyVision-Image-7B-SFT", engine="vllm", dtype="bfloat16", parallel="fsdp2",
                         group_size=8, gen_batch_prompts=32, train_groups=16, lr=1e-6, max_turns=5, tool_coef=0.1, kl_coef=0.0,
                         clip_low=0.2, clip_high=0.2, dual_clip=3.0, loss_agg="token-mean", max_steps=700,
@@ -509,7 +509,8 @@ class MetricsLog:
             self.wandb.log(metrics, step=step)
 
 
-def rollout_metrics(trajs: Sequence[TrajSummary | Trajectory], local: Sequence[Trajectory]) -> dict:
+def rollout_metrics(trajs: Sequence[TrajSummary | Trajectory], local: Sequence[Trajectory],
+                    processor: models.VLProcessor) -> dict:
     """Batch statistics over every drawn trajectory (all ranks) plus length statistics of this rank's."""
     calls = np.array([t.num_tool_calls for t in trajs], dtype=float)
     rewards = np.array([t.reward for t in trajs], dtype=float)
@@ -524,6 +525,7 @@ def rollout_metrics(trajs: Sequence[TrajSummary | Trajectory], local: Sequence[T
         out["rollout/turns_mean"] = float(np.mean([len(t.turns) for t in local]))
         out["rollout/response_len_mean"] = float(np.mean([sum(t.action_mask) for t in local]))
         out["rollout/obs_len_mean"] = float(np.mean([t.response_len - sum(t.action_mask) for t in local]))
+        out["rollout/visual_tokens_mean"] = float(np.mean([t.visual_tokens(processor) for t in local]))
     return out
 
 
@@ -643,7 +645,7 @@ class GroupSampler:
 
 
 def step_metrics(sampler: GroupSampler, result: ofr.OFRResult, upd: UpdateStats, seconds: dict) -> dict:
-    metrics = rollout_metrics(sampler.summaries, sampler.local) | result.stats.as_log()
+    metrics = rollout_metrics(sampler.summaries, sampler.local, sampler.run.processor) | result.stats.as_log()
     metrics["adv/neg_correct_frac"] = result.stats.negative_correct_frac_kept   # the paper's Fig. 6 metric
     metrics |= {"loss/policy": upd.loss, "loss/kl": upd.kl, "loss/entropy": upd.entropy, "loss/clip_frac": upd.clip_frac,
                 "grad/norm": upd.grad_norm, "train/tokens": upd.tokens, "perf/rollout_s": sampler.seconds,

@@ -121,3 +121,24 @@ def test_cli_writes_checkpoint(tmp_path):
                          cwd=models.__file__.rsplit("/", 1)[0], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "ck" / "model.safetensors").is_file() and "parameters" in out.stdout
+
+
+def test_copy_documents_target_what_the_context_holds():
+    """Every target of the copy pretraining repeats values its own context shows (nothing else is learnt there)."""
+    import random
+    import re
+    rng = random.Random(0)
+    for _ in range(300):
+        (context, _), (target, is_target) = models._copy_document(rng)
+        assert is_target
+        copied = re.findall(r"\d+|\b[A-H]\b", target.split("}")[0].split("))")[0])
+        assert copied and all(value in re.findall(r"\d+|\b[A-H]\b", context) for value in copied), (context, target)
+
+
+def test_copy_pretraining_learns_on_copied_tokens(tiny_dir, tmp_path):
+    model, p = models.load_policy(tiny_dir)
+    vision_before = {k: v.clone() for k, v in model.model.visual.state_dict().items()}
+    log = models.pretrain_copying(model, p, steps=40, batch=8, seq_len=64, lr=3e-3)
+    assert log[0]["step"] == 1 and log[-1]["step"] == 40
+    assert log[-1]["loss"] < 0.6 * log[0]["loss"]
+    assert all(torch.equal(v, model.model.visual.state_dict()[k]) for k, v in vision_before.items())  # text only

@@ -97,6 +97,19 @@ def test_expert_solves_image_and_video_tasks(tiny_policy, image_tasks_dir, video
     assert all(p.image_pad_id not in t.input_ids[:t.prompt_len] for t in video)
 
 
+def test_expert_answers_a_fraction_of_tool_free_tasks_directly(tiny_policy, image_tasks_dir, pool):
+    """The cold start's mix: tool-free tasks answered directly at `direct_rate`, with code otherwise; tool-requiring
+    tasks always with code. All correct either way."""
+    _, p = tiny_policy
+    tasks = data.load_tasks(image_tasks_dir / "tasks.json")[0]
+    trajs = rollout.rollout(tasks, rollout.ScriptedExpert(p, direct_rate=0.5), p, pool.open, RolloutConfig(), n=8)
+    rollout.score_trajectories(trajs, p)
+    assert all(t.correct for t in trajs)
+    free = [t.num_tool_calls for t in trajs if t.task.needs_tool is False]
+    assert free and 0.2 < free.count(0) / len(free) < 0.8 and set(free) == {0, 1}
+    assert all(t.num_tool_calls == 1 for t in trajs if t.task.needs_tool)
+
+
 def test_mrope_positions_span_the_interleaved_sequence(tiny_policy, video_tasks_dir, pool):
     model, p = tiny_policy
     task = data.load_tasks(video_tasks_dir / "tasks.json")[0][0]

@@ -162,3 +162,34 @@ def test_resume_continues_exactly(tmp_path, tiny_dir, image_tasks_dir):
     # a half-written checkpoint is never picked up: only complete step_* directories count
     (tmp_path / "resumed" / "ckpt" / ".tmp_step_000009").mkdir()
     assert train.latest_checkpoint(tmp_path / "resumed").name == "step_000003"
+
+
+class _VLLMStandIn:
+    """Only the attribute path VLLMEngine.sync_weights walks inside vLLM (vLLM itself needs a GPU)."""
+
+    def __init__(self, load_weights):
+        runner = type("Runner", (), {"model": type("Model", (), {"load_weights": staticmethod(load_weights)})()})()
+        worker = type("Worker", (), {"model_runner": runner})()
+        executor = type("Executor", (), {"driver_worker": type("Driver", (), {"worker": worker})()})()
+        self.llm_engine = type("Engine", (), {"model_executor": executor})()
+
+
+def _vllm_engine(load_weights, timeout_s):
+    engine = object.__new__(rollout.VLLMEngine)
+    engine.llm, engine.sync_timeout_s = _VLLMStandIn(load_weights), timeout_s
+    return engine
+
+
+def test_vllm_weight_sync_failure_or_timeout_stops_the_run(tiny_dir):
+    import time
+    model, _ = models.load_policy(tiny_dir)
+    received = {}
+    _vllm_engine(lambda weights: received.update(weights), 5).sync_weights(train.full_weights(model))
+    assert received.keys() == model.state_dict().keys()
+
+    def broken(weights):
+        raise KeyError("visual.blocks.0.attn.qkv.weight")
+    with pytest.raises(RuntimeError, match="weight sync failed.*visual.blocks.0"):
+        _vllm_engine(broken, 5).sync_weights(train.full_weights(model))
+    with pytest.raises(RuntimeError, match="did not finish within 1 s"):
+        _vllm_engine(lambda weights: time.sleep(30), 1).sync_weights(train.full_weights(model))
