@@ -72,11 +72,15 @@ clean:
 ABL      := runs/ablations
 SEEDS    := 1 2
 # the demo preset allows 3 rounds, i.e. a turn budget of 2 tool calls: `full` is also the budget-2 run of the pair
-ABLATIONS:= full tool_coef_0 no_std_sort std_norm turns_4 video_on_demand video_full_context
+# the full-context video arm is not in the default list: from the on-demand cold start it writes no valid action, and
+# one step takes ~3 min (`make runs/ablations/video_full_context-s1/final/config.json` runs it)
+ABLATIONS:= full tool_coef_0 no_std_sort std_norm turns_4 video_on_demand
 IMAGE_RUN:= --model $(DEMO)/sft/model --data $(DEMO)/data/train/tasks.json
 # the video pair: the cold start continued on video expert trajectories, then RL on video tasks with the video only in
 # the sandbox (on demand, the paper's method) or its frames in the prompt (full context, the baseline)
-VIDEO_RUN:= --model $(ABL)/video_sft/model --data $(DEMO)/data/video_train/tasks.json
+# (video code is longer than image code, and fetched frames come back as images: larger budgets; 12 steps)
+VIDEO_RUN:= --model $(ABL)/video_sft/model --data $(DEMO)/data/video_train/tasks.json --max-turn-tokens 384 \
+            --max-response-tokens 2048 --max-steps 12
 
 $(DEMO)/data/video_train/tasks.json: | $(STAMP)
 	$(PY) data.py --kind video --n 96 --seed 1 --out $(DEMO)/data/video_train

@@ -674,7 +674,7 @@ ABLATION_KEYS = ("acc/mean", "tool/calls_mean", "rollout/turns_mean", "adv/neg_c
                  "rollout/visual_tokens_mean")
 
 
-def ablation_report(root: str | Path, last: int = 3) -> str:
+def ablation_report(root: str | Path, last: int = 5) -> str:
     """Runs under ROOT named LABEL-sSEED: curves.png (mean over seeds, min-max shaded) and a markdown table of the
     last `last` steps' mean per run, as mean ± spread over seeds."""
     root = Path(root)
