@@ -39,13 +39,13 @@ Differences from the official code
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
 import re
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,8 +392,10 @@ class ScriptedExpert:
         self.processor, self.recover_rate, self.direct_rate, self.seed = processor, recover_rate, direct_rate, seed
 
     def _coin(self, traj: Trajectory, what: str) -> float:
-        # a draw per (seed, task, sample, choice), so it does not depend on batching or on which rank runs it
-        return zlib.crc32(f"{self.seed}/{traj.task.id}/{traj.sample_index}/{what}".encode()) / 2 ** 32
+        # a draw per (seed, task, sample, choice), so it does not depend on batching or on which rank runs it; a real
+        # hash, since CRC32 is linear: keys that differ in one character get correlated draws
+        key = f"{self.seed}/{traj.task.id}/{traj.sample_index}/{what}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2 ** 64
 
     def _say(self, text: str, finish: str) -> GenResult:
         ids = self.processor.encode_text(text) + ([self.processor.eos_id] if finish == "eos" else [])
