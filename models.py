@@ -491,7 +491,7 @@ def pretrain_copying(model, processor: "VLProcessor", steps: int, seed: int = 0,
         schedule.step()
         if step == 0 or (step + 1) % 25 == 0 or step + 1 == steps:
             hit = (logits.argmax(-1) == ids[:, 1:])[target_mask].float().mean()
-            log.append({"step": step + 1, "loss": float(loss), "copy_acc": float(hit)})
+            log.append({"step": step + 1, "loss": float(loss.detach()), "copy_acc": float(hit)})
     model.eval()
     return log
 
