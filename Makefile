@@ -72,15 +72,14 @@ clean:
 ABL      := runs/ablations
 SEEDS    := 1 2
 # the demo preset allows 3 rounds, i.e. a turn budget of 2 tool calls: `full` is also the budget-2 run of the pair
-# the full-context video arm is not in the default list: from the on-demand cold start it writes no valid action, and
-# one step takes ~3 min (`make runs/ablations/video_full_context-s1/final/config.json` runs it)
+# the full-context video arm is not in the default list: one step takes ~3 min on 2 cores
+# (`make runs/ablations/video_full_context-s1/final/config.json` runs it, after its own cold start on that layout)
 ABLATIONS:= full tool_coef_0 no_std_sort std_norm turns_4 video_on_demand
 IMAGE_RUN:= --model $(DEMO)/sft/model --data $(DEMO)/data/train/tasks.json
 # the video pair: the cold start continued on video expert trajectories, then RL on video tasks with the video only in
 # the sandbox (on demand, the paper's method) or its frames in the prompt (full context, the baseline)
 # (video code is longer than image code, and fetched frames come back as images: larger budgets; 12 steps)
-VIDEO_RUN:= --model $(ABL)/video_sft/model --data $(DEMO)/data/video_train/tasks.json --max-turn-tokens 384 \
-            --max-response-tokens 2048 --max-steps 12
+VIDEO_RUN:= --data $(DEMO)/data/video_train/tasks.json --max-turn-tokens 384 --max-response-tokens 2048 --max-steps 12
 
 $(DEMO)/data/video_train/tasks.json: | $(STAMP)
 	$(PY) data.py --kind video --n 96 --seed 1 --out $(DEMO)/data/video_train
@@ -94,8 +93,8 @@ flags_tool_coef_0        := $(IMAGE_RUN) --tool-coef 0
 flags_no_std_sort        := $(IMAGE_RUN) --no-std-sort
 flags_std_norm           := $(IMAGE_RUN) --std-norm
 flags_turns_4            := $(IMAGE_RUN) --max-turns 5
-flags_video_on_demand    := $(VIDEO_RUN) --video-context on_demand
-flags_video_full_context := $(VIDEO_RUN) --video-context full_context
+flags_video_on_demand    := $(VIDEO_RUN) --video-context on_demand --model $(ABL)/video_sft/model
+flags_video_full_context := $(VIDEO_RUN) --video-context full_context --model $(ABL)/video_sft_full/model
 ABL_RUNS := $(foreach a,$(ABLATIONS),$(foreach s,$(SEEDS),$(ABL)/$(a)-s$(s)/final/config.json))
 
 # one run: runs/ablations/NAME-sSEED (NAME picks the flags above)
@@ -104,6 +103,13 @@ $(ABL)/%/final/config.json: $(DEMO)/sft/model/config.json $(DEMO)/data/train/tas
 		$(flags_$(firstword $(subst -s, ,$*))) --html-every 0
 
 # two runs at a time with one thread each: on 2 cores that is faster than one run with two threads
+# the full-context arm's cold start: the same video expert trajectories with the frames in the prompt (a policy
+# cold-started on the on-demand layout writes no valid action in this one)
+$(ABL)/video_sft_full/model/config.json: $(DEMO)/sft/model/config.json $(DEMO)/data/video_train/tasks.json
+	$(PY) sft.py --model $(DEMO)/sft/model --n-image 0 --video-tasks $(DEMO)/data/video_train/tasks.json \
+		--output-dir $(ABL)/video_sft_full --epochs 10 --lr 2e-3 --max-turns 3 --video-context full_context $(SHORT)
+$(foreach s,$(SEEDS),$(ABL)/video_full_context-s$(s)/final/config.json): $(ABL)/video_sft_full/model/config.json
+
 ablations: $(DEMO)/sft/model/config.json $(ABL)/video_sft/model/config.json
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 $(ABL_RUNS)
 	$(PY) eval.py ablation-report $(ABL)

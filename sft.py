@@ -64,6 +64,8 @@ class SFTConfig:
     grad_clip: float = _f(1.0, "max gradient norm")
     max_turns: int = _f(5, "turn budget of the expert's rollouts")
     template_key: str = _f("default", "built-in prompt wording: default, or short (the CPU demo's)")
+    video_context: str = _f("on_demand", "video in the sandbox only (on_demand) or its frames in the prompt "
+                                         "(full_context): the cold start of each arm of the video comparison")
     dtype: str = _f("float32", "float32 or bfloat16")
     train_vision: bool = _f(False, "also train the vision tower")
     seed: int = _f(0, "seed of tasks, order and initialisation")
@@ -85,7 +87,8 @@ def expert_trajectories(tasks: Sequence[data.Task], processor: models.VLProcesso
     from sandbox import SandboxPool
     expert = rollout.ScriptedExpert(processor, recover_rate=cfg.recover_rate,
                                     direct_rate=cfg.direct_rate, seed=cfg.seed)
-    rcfg = rollout.RolloutConfig(max_turns=cfg.max_turns, on_error="feedback", template_key=cfg.template_key)
+    rcfg = rollout.RolloutConfig(max_turns=cfg.max_turns, on_error="feedback", template_key=cfg.template_key,
+                                 video_context=cfg.video_context)
     trajs = []
     with SandboxPool() as pool:
         for start in tqdm(range(0, len(tasks), 64), desc="expert trajectories", disable=len(tasks) <= 64):

@@ -51,6 +51,16 @@ def test_sft_loss_is_the_mean_nll_of_assistant_tokens_only(tiny_dir, expert_traj
         assert "Text Result" not in own and "tool_response" not in own and t.task.question not in own
 
 
+def test_expert_trajectories_in_the_full_context_layout(tmp_path, tiny_policy):
+    """The full-context arm's cold start: the frames sit in the prompt (video inputs present), all still correct."""
+    _, p = tiny_policy
+    tasks = data.generate_video_tasks(2, seed=0, out_dir=tmp_path)
+    trajs = sft.expert_trajectories(tasks, p, sft.SFTConfig(max_turns=3, recover_rate=0.0, video_context="full_context"))
+    assert len(trajs) == 2 and all(t.video_inputs and t.correct for t in trajs)
+    on_demand = sft.expert_trajectories(tasks, p, sft.SFTConfig(max_turns=3, recover_rate=0.0))
+    assert not any(t.video_inputs for t in on_demand)
+
+
 def _official_row(tmp_path, images=1, role="assistant"):
     Image.new("RGB", (64, 48), "red").save(tmp_path / "a.png")
     return {"messages": [{"role": "user", "content": "<image>What colour?"},
