@@ -84,32 +84,29 @@ VIDEO_RUN:= --data $(DEMO)/data/video_train/tasks.json --max-turn-tokens 384 --m
 $(DEMO)/data/video_train/tasks.json: | $(STAMP)
 	$(PY) data.py --kind video --n 96 --seed 1 --out $(DEMO)/data/video_train
 
-$(ABL)/video_sft/model/config.json: $(DEMO)/sft/model/config.json $(DEMO)/data/video_train/tasks.json
+# a video cold start per arm: the demo's checkpoint continued on video expert trajectories in that arm's layout (a
+# policy cold-started on the on-demand layout writes no valid action with the frames in the prompt)
+$(ABL)/video_sft_%/model/config.json: $(DEMO)/sft/model/config.json $(DEMO)/data/video_train/tasks.json
 	$(PY) sft.py --model $(DEMO)/sft/model --n-image 0 --video-tasks $(DEMO)/data/video_train/tasks.json \
-		--output-dir $(ABL)/video_sft --epochs 10 --lr 2e-3 --max-turns 3 $(SHORT)
+		--output-dir $(ABL)/video_sft_$* --epochs 10 --lr 2e-3 --max-turns 3 --video-context $* $(SHORT)
 
 flags_full               := $(IMAGE_RUN)
 flags_tool_coef_0        := $(IMAGE_RUN) --tool-coef 0
 flags_no_std_sort        := $(IMAGE_RUN) --no-std-sort
 flags_std_norm           := $(IMAGE_RUN) --std-norm
 flags_turns_4            := $(IMAGE_RUN) --max-turns 5
-flags_video_on_demand    := $(VIDEO_RUN) --video-context on_demand --model $(ABL)/video_sft/model
-flags_video_full_context := $(VIDEO_RUN) --video-context full_context --model $(ABL)/video_sft_full/model
+flags_video_on_demand    := $(VIDEO_RUN) --video-context on_demand --model $(ABL)/video_sft_on_demand/model
+flags_video_full_context := $(VIDEO_RUN) --video-context full_context --model $(ABL)/video_sft_full_context/model
 ABL_RUNS := $(foreach a,$(ABLATIONS),$(foreach s,$(SEEDS),$(ABL)/$(a)-s$(s)/final/config.json))
 
-# one run: runs/ablations/NAME-sSEED (NAME picks the flags above)
-$(ABL)/%/final/config.json: $(DEMO)/sft/model/config.json $(DEMO)/data/train/tasks.json $(ABL)/video_sft/model/config.json
+# one run: runs/ablations/NAME-sSEED (NAME picks the flags above); the video arms also need their cold start
+$(ABL)/%/final/config.json: $(DEMO)/sft/model/config.json $(DEMO)/data/train/tasks.json
 	$(PY) train.py --preset demo --seed $(lastword $(subst -s, ,$*)) --output-dir $(ABL)/$* --resume \
 		$(flags_$(firstword $(subst -s, ,$*))) --html-every 0
+$(foreach s,$(SEEDS),$(ABL)/video_on_demand-s$(s)/final/config.json): $(ABL)/video_sft_on_demand/model/config.json
+$(foreach s,$(SEEDS),$(ABL)/video_full_context-s$(s)/final/config.json): $(ABL)/video_sft_full_context/model/config.json
 
 # two runs at a time with one thread each: on 2 cores that is faster than one run with two threads
-# the full-context arm's cold start: the same video expert trajectories with the frames in the prompt (a policy
-# cold-started on the on-demand layout writes no valid action in this one)
-$(ABL)/video_sft_full/model/config.json: $(DEMO)/sft/model/config.json $(DEMO)/data/video_train/tasks.json
-	$(PY) sft.py --model $(DEMO)/sft/model --n-image 0 --video-tasks $(DEMO)/data/video_train/tasks.json \
-		--output-dir $(ABL)/video_sft_full --epochs 10 --lr 2e-3 --max-turns 3 --video-context full_context $(SHORT)
-$(foreach s,$(SEEDS),$(ABL)/video_full_context-s$(s)/final/config.json): $(ABL)/video_sft_full/model/config.json
-
-ablations: $(DEMO)/sft/model/config.json $(ABL)/video_sft/model/config.json
+ablations: $(DEMO)/sft/model/config.json
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 $(ABL_RUNS)
 	$(PY) eval.py ablation-report $(ABL)
