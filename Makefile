@@ -68,13 +68,11 @@ clean:
 	rm -rf runs
 
 # ---- the paper's ablations in miniature: each from the demo's cold-start checkpoint, 2 seeds ------------------------
-# (about 4 min per run on 2 cores: ~1 h in all; runs resume, finished ones are skipped)
+# (4-15 min per run on one core, two runs at a time: ~1.5 h in all; runs resume, finished ones are skipped)
 ABL      := runs/ablations
 SEEDS    := 1 2
 # the demo preset allows 3 rounds, i.e. a turn budget of 2 tool calls: `full` is also the budget-2 run of the pair
-# the full-context video arm is not in the default list: one step takes ~3 min on 2 cores
-# (`make runs/ablations/video_full_context-s1/final/config.json` runs it, after its own cold start on that layout)
-ABLATIONS:= full tool_coef_0 no_std_sort std_norm turns_4 video_on_demand
+ABLATIONS:= full tool_coef_0 no_std_sort std_norm turns_4 video_on_demand video_full_context
 IMAGE_RUN:= --model $(DEMO)/sft/model --data $(DEMO)/data/train/tasks.json
 # the video pair: the cold start continued on video expert trajectories, then RL on video tasks with the video only in
 # the sandbox (on demand, the paper's method) or its frames in the prompt (full context, the baseline)
