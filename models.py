@@ -456,6 +456,15 @@ def _copy_document(rng: random.Random) -> list[tuple[str, bool]]:
             (", ".join(map(str, values)) + "))\n", True)]
 
 
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """LR multiplier per step: linear warm-up over `warmup_steps`, then cosine decay to 10% at `total_steps` (shared
+    by the copy pretraining and the SFT cold start)."""
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(warmup_steps, 1))
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    return factor
+
+
 def pretrain_copying(model, processor: "VLProcessor", steps: int, seed: int = 0, batch: int = 32, seq_len: int = 128,
                      lr: float = 1e-3) -> list[dict]:
     """Train the language model on packed copy documents (AdamW, warm-up then cosine). Returns a log (first step, then
@@ -463,8 +472,7 @@ def pretrain_copying(model, processor: "VLProcessor", steps: int, seed: int = 0,
     rng = random.Random(seed)
     params = list(model.model.language_model.parameters())   # the head is tied to the embeddings
     optimizer = torch.optim.AdamW(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps=20, total_steps=steps))
 
     def row() -> tuple[list[int], list[int]]:
         ids, mask = [], []

@@ -183,9 +183,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(trajs) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1))
-        * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, models.warmup_cosine(cfg.warmup_steps, total_steps))
     train_model = torch.nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
     model.train()
     rng = random.Random(cfg.seed)
