@@ -68,7 +68,7 @@ clean:
 	rm -rf runs
 
 # ---- the paper's ablations in miniature: each from the demo's cold-start checkpoint, 2 seeds ------------------------
-# (4-15 min per run on one core, two runs at a time: ~1.5 h in all; runs resume, finished ones are skipped)
+# (8-20 min per run on one core, two runs at a time: ~2.5 h in all; runs resume, finished ones are skipped)
 ABL      := runs/ablations
 SEEDS    := 1 2
 # the demo preset allows 3 rounds, i.e. a turn budget of 2 tool calls: `full` is also the budget-2 run of the pair

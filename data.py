@@ -19,7 +19,11 @@ Synthetic image tasks
     is a 1-pixel checkerboard, the exact x coordinate of a single dot). Tool-free families (one large shape's colour, a count of
     large squares) are answerable from the downscaled view. Every task carries `solution_code`: short, templated Python a
     competent agent would write, whose last printed line is the answer. The scripted expert (rollout.py) runs it in the
-    sandbox and answers with what it printed, so correctness comes from the tool, not from peeking at the label.
+    sandbox and answers with what it printed, so correctness comes from the tool, not from peeking at the label. The code
+    takes from the question only what can be copied as written (coordinates in the question's (x, y) order) and leaves
+    offsets and colour matching to Python: colour questions print the nearest colour of a fixed palette by name, an
+    option's text that the verifier accepts as that option. A small policy learns to copy; it does not learn arithmetic,
+    or a table from a shuffled option list to RGB values, in its head (measured: README, "What RL changes").
 
 Synthetic video tasks
     PyVision-Video keeps the video out of the context: the prompt has only `video_context.video_info(path)`, the sandbox
@@ -80,10 +84,17 @@ class Task:
     image_path: str | None = None
     video_path: str | None = None
     choices: list[str] | None = None          # option texts of a multiple-choice task, letters A, B, ... in order
-    solution_code: str | None = None          # Python whose last printed line is the answer (synthetic tasks)
+    solution_code: str | None = None          # Python whose last printed line is the answer, or for multiple choice
+                                              # the option's letter or text (synthetic tasks)
     needs_tool: bool | None = None            # True when the downscaled view does not hold the answer
     family: str | None = None                 # synthetic task family
     extra: dict = field(default_factory=dict)
+
+    def is_answer(self, text: str) -> bool:
+        """True when `text` is the answer: its letter or, for multiple choice, the option's text (as the verifier
+        accepts both)."""
+        option = self.choices[LETTERS.index(self.answer)] if self.choices and self.answer in LETTERS else None
+        return text.strip() in (self.answer, option)
 
     @property
     def media_kind(self) -> Literal["image", "video"]:
@@ -230,6 +241,15 @@ def _free_spots(rng: random.Random, width: int, height: int, count: int, margin:
     return spots
 
 
+def _nearest_colour_code(variable: str) -> str:
+    """Code that prints the name of the palette colour nearest to the RGB value in `variable`. The palette is the same
+    in every task and the name is an option's text, which the verifier accepts as that option: the code copies
+    nothing from the question's shuffled option list, and the policy never maps letters to RGB values in its head."""
+    palette = ", ".join(f"'{name}': {rgb}" for name, rgb in PALETTE.items())
+    return (f"palette = {{{palette}}}\n"
+            f"print(min(palette, key=lambda c: sum((a - b) ** 2 for a, b in zip({variable}, palette[c]))))")
+
+
 def _pixel_color(rng: random.Random, nrng: np.random.Generator, width: int, height: int):
     canvas = _noisy_canvas(nrng, width, height)
     names = list(PALETTE)
@@ -245,11 +265,9 @@ def _pixel_color(rng: random.Random, nrng: np.random.Generator, width: int, heig
     answer = LETTERS[choices.index(target)]
     question = (f"What is the colour of the small square centred at pixel (x={x}, y={y})? "
                 f"Options: {_options_text(choices)}")
-    reference = ", ".join(f"'{LETTERS[k]}': {PALETTE[c]}" for k, c in enumerate(choices))
     code = (f"pixel = image_clue_0.getpixel(({x}, {y}))\n"
-            f"options = {{{reference}}}\n"
             "print(pixel)\n"
-            "print(min(options, key=lambda k: sum((a - b) ** 2 for a, b in zip(pixel, options[k]))))")
+            + _nearest_colour_code("pixel"))
     return canvas, question, answer, "multiple_choice", choices, code, True
 
 
@@ -277,9 +295,12 @@ def _checker_patch(rng: random.Random, nrng: np.random.Generator, width: int, he
     choices = [f"the patch at ({x1}, {y1})", f"the patch at ({x2}, {y2})"]
     question = ("Two 6x6 patches look grey from afar; one is a fine black and white checkerboard. "
                 f"Which one is the checkerboard? Options: {_options_text(choices)}")
+    # the patch centres go into the code as the question writes them and Python does the offsets: a small policy
+    # learns to copy numbers, not to do arithmetic on them in its head
     code = ("g = np.array(image_clue_0.convert('L')).astype(float)\n"
-            f"first = g[{y1 - 3}:{y1 + 3}, {x1 - 3}:{x1 + 3}].std()\n"
-            f"second = g[{y2 - 3}:{y2 + 3}, {x2 - 3}:{x2 + 3}].std()\n"
+            "def spread(x, y):\n"
+            "    return g[y - 3:y + 3, x - 3:x + 3].std()\n"
+            f"first, second = spread({x1}, {y1}), spread({x2}, {y2})\n"
             "print(first, second)\n"
             "print('A' if first > second else 'B')")
     return canvas, question, "A" if first_checker else "B", "multiple_choice", choices, code, True
@@ -305,10 +326,7 @@ def _big_shape_color(rng: random.Random, nrng: np.random.Generator, width: int, 
     choices = list(PALETTE)
     rng.shuffle(choices)
     question = f"What is the colour of the large circle? Options: {_options_text(choices)}"
-    reference = ", ".join(f"'{LETTERS[k]}': {PALETTE[c]}" for k, c in enumerate(choices))
-    code = (f"pixel = image_clue_0.getpixel(({cx}, {cy}))\n"
-            f"options = {{{reference}}}\n"
-            "print(min(options, key=lambda k: sum((a - b) ** 2 for a, b in zip(pixel, options[k]))))")
+    code = f"pixel = image_clue_0.getpixel(({cx}, {cy}))\n" + _nearest_colour_code("pixel")
     return canvas, question, LETTERS[choices.index(colour)], "multiple_choice", choices, code, False
 
 
@@ -399,12 +417,6 @@ def _wander(k: int, phase: float, period_frames: float, centre: float, amplitude
     return centre + amplitude * np.sin(2 * np.pi * k / period_frames + phase)
 
 
-def _nearest_colour_code(options: dict[str, tuple[int, int, int]]) -> str:
-    reference = ", ".join(f"'{letter}': {rgb}" for letter, rgb in options.items())
-    return (f"options = {{{reference}}}\n"
-            "print(min(options, key=lambda k: sum((a - b) ** 2 for a, b in zip(colour, options[k]))))")
-
-
 def _colour_at_time(rng: random.Random, num_frames: int) -> VideoScene:
     """A ball drifts around and changes colour every 2-5 s; the question asks for its colour at one moment."""
     names = list(PALETTE)
@@ -442,7 +454,7 @@ def _colour_at_time(rng: random.Random, num_frames: int) -> VideoScene:
             "plt.show()\n"
             "colour = frame[frame.max(axis=2) - frame.min(axis=2) > 80].mean(axis=0)\n"
             "print(colour.round())\n"
-            + _nearest_colour_code({LETTERS[j]: PALETTE[c] for j, c in enumerate(choices)}))
+            + _nearest_colour_code("colour"))
     return draw, question, LETTERS[choices.index(colour_of(asked))], "multiple_choice", choices, code
 
 

@@ -21,7 +21,7 @@ Why our own processor
 
 How to run
     python models.py tiny --out runs/tiny --size test      # ~1 M params, for tests
-    python models.py tiny --out runs/tiny-demo --size demo  # the CPU demo's policy (with ~5 min of copy pretraining)
+    python models.py tiny --out runs/tiny-demo --size demo  # the CPU demo's policy (with ~8 min of copy pretraining)
     python -c "from models import load_policy; m, p = load_policy('Agents-X/PyVision-Image-7B-SFT', dtype='bfloat16', device='cuda')"
 
 Differences from the official code
@@ -34,6 +34,7 @@ Differences from the official code
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -322,7 +323,7 @@ TINY_SIZES = {
                      min_pixels=56 * 56, max_pixels=224 * 224),
     # the CPU demo's policy: one GRPO step of 8 rollouts stays within ~10 s (environment.md §4)
     "demo": TinySize(vocab_size=2048, hidden=256, layers=4, heads=4, kv_heads=2, vision_hidden=128, vision_depth=2,
-                     min_pixels=56 * 56, max_pixels=224 * 224, copy_steps=400),
+                     min_pixels=56 * 56, max_pixels=224 * 224, copy_steps=800),
 }
 
 # Strings the policy must write and read cheaply: the PyVision protocol (method.md §2) and the runtime's names.
@@ -389,13 +390,14 @@ def tiny_config(tokenizer, size: TinySize):
                             vision_end_token_id=ids(VISION_END), tie_word_embeddings=True)
 
 
-def build_tiny(out_dir: str | os.PathLike, seed: int = 0, size: str = "test") -> Path:
-    """Write a random-weight Qwen2.5-VL checkpoint + tokenizer + image processor to `out_dir`. Same seed, same bytes."""
+def build_tiny(out_dir: str | os.PathLike, seed: int = 0, size: str = "test", copy_steps: int | None = None) -> Path:
+    """Write a random-weight Qwen2.5-VL checkpoint + tokenizer + image processor to `out_dir`, then `copy_steps` of copy
+    pretraining (default: the size's). Same seed, same bytes."""
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     if size not in TINY_SIZES:
         raise ValueError(f"unknown tiny size {size!r}; choose from {sorted(TINY_SIZES)}")
-    spec = TINY_SIZES[size]
+    spec = TINY_SIZES[size] if copy_steps is None else dataclasses.replace(TINY_SIZES[size], copy_steps=copy_steps)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec.vocab_size, tokenizer_corpus(seed))
@@ -424,36 +426,44 @@ def build_tiny(out_dir: str | os.PathLike, seed: int = 0, size: str = "test") ->
 # text-only pretraining on copy documents give it that skill. The documents carry random values and no task's
 # images or answers, so nothing about the evaluation tasks is learnt here.
 
-CALLS = ["getpixel", "crop", "point", "mark", "locate", "inspect"]
+CALLS = ["getpixel", "crop", "point", "mark", "locate", "inspect", "spread"]
+WORDS = ["the", "small", "square", "patch", "image", "at", "of", "is", "what", "which", "colour"]
+NAMES = ["red", "green", "blue", "yellow", "black", "white", "grey", "left", "right", "top", "bottom", "first", "second"]
 
 
 def _copy_document(rng: random.Random) -> list[tuple[str, bool]]:
-    """One document as (text, is_target) pieces; the loss is on targets only. Two kinds, half each:
-    read a tool result into the answer (the last printed line), or reuse numbers from a question in a call."""
+    """One document as (text, is_target) pieces; the loss is on targets only. Two kinds, half each: read a tool result
+    into the answer (the last printed line), or reuse what a question gives in code (numbers in a call, or two points
+    in two calls)."""
     if rng.random() < 0.5:
         kind = rng.random()
-        if kind < 0.35:
+        if kind < 0.3:
             printed = last = str(rng.randint(0, 999))
-        elif kind < 0.55:
+        elif kind < 0.5:
             printed = last = rng.choice("ABCDEFGH")
         elif kind < 0.8:
-            last = rng.choice("ABCDEFGH")
+            last = rng.choice(["A", "B"] + NAMES)
             printed = f"({rng.randint(0, 255)}, {rng.randint(0, 255)}, {rng.randint(0, 255)})\n{last}"
-        else:
-            last = str(rng.randint(0, 99))
-            printed = f"{rng.uniform(0, 100)} {rng.uniform(0, 100)}\n{last}"
+        else:  # measurements, then the verdict: a number or an option letter
+            last = rng.choice([str(rng.randint(0, 99)), "A", "B"])
+            printed = f"{rng.uniform(0, 130)} {rng.uniform(0, 130)}\n{last}"
         return [(f"<|im_start|>user\n<tool_response>\n<interpreter>\nText Result:\n{printed}</interpreter>\n\n"
                  f"</tool_response><|im_end|>\n<|im_start|>assistant\n<answer>\n\\boxed{{", False),
                 (f"{last}}}\n</answer><|im_end|>\n", True)]
-    values = [rng.randint(0, 799) for _ in range(rng.choice([1, 2, 2, 4]))]
-    named = len(values) == 2 and rng.random() < 0.5
-    given = f"(x={values[0]}, y={values[1]})" if named else "(" + ", ".join(map(str, values)) + ")"
-    filler = " ".join(rng.choice(["the", "small", "square", "patch", "image", "at", "of", "is", "what", "which", "colour"])
-                      for _ in range(rng.randint(0, 12)))
+    filler = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 12)))
     call = rng.choice(CALLS)
+    if rng.random() < 0.3:
+        (x1, y1), (x2, y2) = [(rng.randint(0, 799), rng.randint(0, 799)) for _ in range(2)]
+        given = f"A. the {rng.choice(WORDS)} at ({x1}, {y1}) B. the {rng.choice(WORDS)} at ({x2}, {y2})"
+        code, copied = f"first, second = {call}(", f"{x1}, {y1}), {call}({x2}, {y2})\n"
+    else:
+        values = [rng.randint(0, 799) for _ in range(rng.choice([1, 2, 2, 4]))]
+        named = len(values) == 2 and rng.random() < 0.5
+        given = f"(x={values[0]}, y={values[1]})" if named else "(" + ", ".join(map(str, values)) + ")"
+        code, copied = f"result = image_clue_0.{call}((", ", ".join(map(str, values)) + "))\n"
     return [(f"<|im_start|>user\nQuestion: {filler} {given}? {filler}<|im_end|>\n<|im_start|>assistant\n<code>\n"
-             f"```python\nresult = image_clue_0.{call}((", False),
-            (", ".join(map(str, values)) + "))\n", True)]
+             f"```python\n{code}", False),
+            (copied, True)]
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -511,8 +521,9 @@ def main() -> None:
     tiny.add_argument("--out", required=True, help="output directory (a normal Hugging Face checkpoint directory)")
     tiny.add_argument("--size", default="test", choices=sorted(TINY_SIZES), help="'test' for tests, 'demo' for the demo")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the weights and the tokenizer corpus")
+    tiny.add_argument("--copy-steps", type=int, default=None, help="steps of copy pretraining (default: the size's)")
     args = parser.parse_args()
-    path = build_tiny(args.out, seed=args.seed, size=args.size)
+    path = build_tiny(args.out, seed=args.seed, size=args.size, copy_steps=args.copy_steps)
     n_params = sum(p.numel() for p in load_policy(path)[0].parameters())
     print(f"wrote {path} ({n_params / 1e6:.2f} M parameters)")
 

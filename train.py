@@ -140,9 +140,9 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(group_size=4, gen_batch_prompts=4, train_groups=2, max_draws=3, micro_batch=4, lr=1e-4,
                  max_turns=3, max_response_tokens=1024, max_turn_tokens=192, tool_timeout_s=10.0, save_every=5),
     # the CPU demo (make demo): RL from the cold-start checkpoint on synthetic image tasks, a few minutes on 2 cores
-    "demo": dict(group_size=8, gen_batch_prompts=6, train_groups=3, max_draws=2, micro_batch=8, lr=1e-4,
+    "demo": dict(group_size=8, gen_batch_prompts=6, train_groups=3, max_draws=2, micro_batch=8, lr=3e-5,
                  max_turns=3, max_response_tokens=768, max_turn_tokens=160, tool_timeout_s=10.0, template_key="short",
-                 max_steps=20, save_every=4, html_every=5),
+                 max_steps=40, save_every=4, html_every=5),
     "paper-image": dict(model="Agents-X/PyVision-Image-7B-SFT", engine="vllm", dtype="bfloat16", parallel="fsdp2",
                         group_size=8, gen_batch_prompts=32, train_groups=16, lr=1e-6, max_turns=5, tool_coef=0.1, kl_coef=0.0,
                         clip_low=0.2, clip_high=0.2, dual_clip=3.0, loss_agg="token-mean", max_steps=700,

@@ -111,7 +111,7 @@ def measure(tasks: list[data.Task], executor: str, tiny: models.VLProcessor) -> 
         used.add(source)
         meta = vc.probe_video(task.video_path)
         samples.append(Sample(
-            family=task.family, correct=local.error is None and last_line(text) == task.answer,
+            family=task.family, correct=local.error is None and task.is_answer(last_line(text)),
             on_demand={s.name: vc.count_visual_tokens(s.geometry, tool_images=images).tool_images for s in chosen},
             full_1fps={s.name: vc.full_context_tokens(meta, s.geometry, s.at_1fps) for s in chosen},
             full_default={s.name: vc.full_context_tokens(meta, s.geometry, s.at_default) for s in chosen},

@@ -3,6 +3,7 @@ their recorded solution code really produces the answer (and the tool-requiring 
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -42,7 +43,21 @@ def test_solution_code_gives_the_answer(image_tasks_dir):
     assert {t.family for t in tasks} == set(data.IMAGE_FAMILIES)
     assert {t.ability for t in tasks} == {"multiple_choice", "numeric"}
     for task in tasks:
-        assert run_solution(task) == task.answer, task.id
+        assert task.is_answer(run_solution(task)), task.id
+
+
+def test_tool_solution_code_copies_what_the_question_gives(image_tasks_dir):
+    """The expert code of tool-requiring tasks only copies from the question: every number that varies between tasks of
+    a family is written in the question as it is (no offsets computed in the head, no option-to-RGB table in the
+    shuffled options' order: the palette is fixed and the code prints the colour's name)."""
+    tasks, _ = data.load_tasks(image_tasks_dir / "tasks.json")
+    by_family: dict[str, list[data.Task]] = {}
+    for task in tasks:
+        by_family.setdefault(task.family, []).append(task)
+    for family, (first, second) in ((f, ts[:2]) for f, ts in by_family.items() if ts[0].needs_tool):
+        for task, other in ((first, second), (second, first)):
+            varying = set(re.findall(r"\d+", task.solution_code)) - set(re.findall(r"\d+", other.solution_code))
+            assert varying <= set(re.findall(r"\d+", task.question)), (family, varying, task.solution_code)
 
 
 def test_tool_tasks_lose_their_answer_when_downscaled(tiny_policy):
@@ -59,7 +74,7 @@ def test_tool_tasks_lose_their_answer_when_downscaled(tiny_policy):
             with warnings.catch_warnings(), np.errstate(all="ignore"), contextlib.redirect_stdout(out):
                 warnings.simplefilter("ignore")
                 exec(task.solution_code, {"np": np, "Image": Image, "image_clue_0": seen})
-            ok = out.getvalue().strip().splitlines()[-1] == task.answer
+            ok = task.is_answer(out.getvalue().strip().splitlines()[-1])
         except Exception:  # e.g. no dot survives: the code finds nothing to measure
             ok = False
         solved.setdefault(task.family, []).append(ok)
