@@ -23,7 +23,7 @@ Synthetic image tasks
     takes from the question only what can be copied as written (coordinates in the question's (x, y) order) and leaves
     offsets and colour matching to Python: colour questions print the nearest colour of a fixed palette by name, an
     option's text that the verifier accepts as that option. A small policy learns to copy; it does not learn arithmetic,
-    or a table from a shuffled option list to RGB values, in its head (measured: README, "What RL changes").
+    or a table from a shuffled option list to RGB values, in its head (measured: README, "The CPU demo").
 
 Synthetic video tasks
     PyVision-Video keeps the video out of the context: the prompt has only `video_context.video_info(path)`, the sandbox
