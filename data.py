@@ -84,17 +84,20 @@ class Task:
     image_path: str | None = None
     video_path: str | None = None
     choices: list[str] | None = None          # option texts of a multiple-choice task, letters A, B, ... in order
-    solution_code: str | None = None          # Python whose last printed line is the answer, or for multiple choice
-                                              # the option's letter or text (synthetic tasks)
+    solution_code: str | None = None          # Python whose last printed line is the answer (for multiple choice,
+                                              # the option's letter or text; synthetic tasks)
     needs_tool: bool | None = None            # True when the downscaled view does not hold the answer
     family: str | None = None                 # synthetic task family
     extra: dict = field(default_factory=dict)
 
+    @property
+    def answer_text(self) -> str:
+        """The answer as words: the option's text for multiple choice (the verifier accepts it as the letter)."""
+        return self.choices[LETTERS.index(self.answer)] if self.choices and self.answer in LETTERS else self.answer
+
     def is_answer(self, text: str) -> bool:
-        """True when `text` is the answer: its letter or, for multiple choice, the option's text (as the verifier
-        accepts both)."""
-        option = self.choices[LETTERS.index(self.answer)] if self.choices and self.answer in LETTERS else None
-        return text.strip() in (self.answer, option)
+        """True when `text` is the answer: the answer itself or, for multiple choice, the option's text."""
+        return text.strip() in (self.answer, self.answer_text)
 
     @property
     def media_kind(self) -> Literal["image", "video"]:

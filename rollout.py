@@ -54,7 +54,7 @@ from typing import Iterable, Literal, Protocol, Sequence
 import torch
 from PIL import Image
 
-from data import LETTERS, Task
+from data import Task
 from models import IMAGE_PLACEHOLDER, VLProcessor
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -409,7 +409,7 @@ class ScriptedExpert:
         if not traj.turns:
             if task.needs_tool is False and self._coin(traj, "direct") < self.direct_rate:
                 # a multiple-choice answer by the option's text, as the solution code prints it
-                return answer_with(task.choices[LETTERS.index(task.answer)] if task.choices else task.answer)
+                return answer_with(task.answer_text)
             if self._coin(traj, "recover") < self.recover_rate:
                 broken = task.solution_code.replace("image_clue_0", "image_clue", 1).replace("video_clue_0", "video_clue", 1)
                 return self._say(f"Let me inspect the {traj.mode} with code.\n<code>\n```python\n{broken}\n```\n</code>", "stop")
