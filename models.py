@@ -431,6 +431,13 @@ WORDS = ["the", "small", "square", "patch", "image", "at", "of", "is", "what", "
 NAMES = ["red", "green", "blue", "yellow", "black", "white", "grey", "left", "right", "top", "bottom", "first", "second"]
 
 
+def _number(rng: random.Random, top: int = 799) -> int:
+    """A number whose digit count is drawn uniformly (1 up to top's), then its value: with values uniform in 0..799,
+    seven in eight have three digits, and the model learnt to write three whatever it read (77 -> 777, 23 -> 233)."""
+    digits = rng.randint(1, len(str(top)))
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), min(top, 10 ** digits - 1))
+
+
 def _copy_document(rng: random.Random) -> list[tuple[str, bool]]:
     """One document as (text, is_target) pieces; the loss is on targets only. Two kinds, half each: read a tool result
     into the answer (the last printed line), or reuse what a question gives in code (numbers in a call, or two points
@@ -438,14 +445,14 @@ def _copy_document(rng: random.Random) -> list[tuple[str, bool]]:
     if rng.random() < 0.5:
         kind = rng.random()
         if kind < 0.3:
-            printed = last = str(rng.randint(0, 999))
+            printed = last = str(_number(rng, 999))
         elif kind < 0.5:
             printed = last = rng.choice("ABCDEFGH")
         elif kind < 0.8:
             last = rng.choice(["A", "B"] + NAMES)
-            printed = f"({rng.randint(0, 255)}, {rng.randint(0, 255)}, {rng.randint(0, 255)})\n{last}"
+            printed = f"({_number(rng, 255)}, {_number(rng, 255)}, {_number(rng, 255)})\n{last}"
         else:  # measurements, then the verdict: a number or an option letter
-            last = rng.choice([str(rng.randint(0, 99)), "A", "B"])
+            last = rng.choice([str(_number(rng, 99)), "A", "B"])
             printed = f"{rng.uniform(0, 130)} {rng.uniform(0, 130)}\n{last}"
         return [(f"<|im_start|>user\n<tool_response>\n<interpreter>\nText Result:\n{printed}</interpreter>\n\n"
                  f"</tool_response><|im_end|>\n<|im_start|>assistant\n<answer>\n\\boxed{{", False),
@@ -453,11 +460,11 @@ def _copy_document(rng: random.Random) -> list[tuple[str, bool]]:
     filler = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 12)))
     call = rng.choice(CALLS)
     if rng.random() < 0.3:
-        (x1, y1), (x2, y2) = [(rng.randint(0, 799), rng.randint(0, 799)) for _ in range(2)]
+        (x1, y1), (x2, y2) = [(_number(rng), _number(rng)) for _ in range(2)]
         given = f"A. the {rng.choice(WORDS)} at ({x1}, {y1}) B. the {rng.choice(WORDS)} at ({x2}, {y2})"
         code, copied = f"first, second = {call}(", f"{x1}, {y1}), {call}({x2}, {y2})\n"
     else:
-        values = [rng.randint(0, 799) for _ in range(rng.choice([1, 2, 2, 4]))]
+        values = [_number(rng) for _ in range(rng.choice([1, 2, 2, 4]))]
         named = len(values) == 2 and rng.random() < 0.5
         given = f"(x={values[0]}, y={values[1]})" if named else "(" + ", ".join(map(str, values)) + ")"
         code, copied = f"result = image_clue_0.{call}((", ", ".join(map(str, values)) + "))\n"

@@ -135,6 +135,19 @@ def test_copy_documents_target_what_the_context_holds():
         assert copied and all(value in re.findall(r"\w+", context) for value in copied), (context, target)
 
 
+def test_copy_documents_copy_numbers_of_every_length():
+    """Numbers of one, two and three digits are all common in the copied targets: with one length dominant the
+    model writes that length whatever it read (77 -> 777)."""
+    import collections
+    import random
+    import re
+    rng = random.Random(0)
+    lengths = collections.Counter(len(number) for _ in range(600)
+                                  for number in re.findall(r"\d+", models._copy_document(rng)[-1][0]))
+    total = sum(lengths.values())
+    assert all(lengths[n] / total > 0.2 for n in (1, 2, 3)), lengths
+
+
 def test_copy_pretraining_learns_on_copied_tokens(tiny_dir, tmp_path):
     model, p = models.load_policy(tiny_dir)
     vision_before = {k: v.clone() for k, v in model.model.visual.state_dict().items()}
