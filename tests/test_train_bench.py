@@ -1,5 +1,6 @@
 """bench/train_bench.py: its workload is a real GRPO batch (8 groups x 8, group-centred advantages, loss mask exactly on
 the completion, one key per group for the TRL side), and its memory probe sees memory a step touches."""
+import mmap
 import sys
 from pathlib import Path
 
@@ -30,9 +31,12 @@ def test_step_memory_sees_what_a_step_touches():
         pytest.skip("no /proc/self/clear_refs on this system")
     memory = train_bench.StepMemory()
     memory.start()
-    block = np.ones(200 * 2 ** 20, dtype=np.uint8)      # 200 MB, every page touched
+    # 200 MB of fresh pages, every one touched: an anonymous mapping, because malloc may hand back memory an earlier
+    # test freed and that is still resident (then the RSS does not rise; seen in the full suite)
+    block = mmap.mmap(-1, 200 * 2 ** 20)
+    np.frombuffer(block, dtype=np.uint8).fill(1)
     memory.stop()
-    del block
+    block.close()
     memory.start()                                       # a quiet step right after: its own peak, not the one before
     memory.stop()
     assert memory.summary(skip=0)["increment_kb"] >= 190 * 1024
