@@ -58,7 +58,6 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 from PIL import Image
 
-from video_context import write_video
 
 VALIDATION_FIELDS = ("id", "question", "answer", "ability", "data_source")
 SYNTHETIC_IMAGE_SOURCE = "synthetic_image"
@@ -620,6 +619,7 @@ def iter_video_tasks(n: int, seed: int) -> Iterator[tuple[Task, Iterator[np.ndar
 
 def generate_video_tasks(n: int, seed: int, out_dir: str | Path | None) -> list[Task]:
     """Write `out_dir/tasks.json` and `out_dir/videos/*.mp4` (same seed, same bytes). With out_dir=None, text only."""
+    from video_context import write_video   # PyAV only where videos are written: image-only work runs without it
     return _write_task_set(iter_video_tasks(n, seed), out_dir, "videos", ".mp4",
                            lambda frames, path: write_video(path, frames, fps=VIDEO_FPS, gop_size=VIDEO_GOP_FRAMES))
 

@@ -119,6 +119,8 @@ class EvalConfig:
                                      "(in Python: EvalConfig.for_benchmark(NAME, ...))")
     dtype: str = _f("auto", "parameter dtype of the hf engine: auto, float32, bfloat16, float16")
     device: str = _f("", "device of the hf engine (empty: cuda when available, else cpu)")
+    vllm_gpu_memory: float = _f(0.85, "vllm: fraction of the GPU's memory for weights, activations and KV cache")
+    vllm_eager: bool = _f(False, "vllm: no CUDA graphs or torch.compile (starts in seconds, decodes slower)")
     min_pixels: int = _f(0, "in-context image lower bound in pixels (0: the checkpoint's own; paper: 3136)")
     max_pixels: int = _f(0, "in-context image upper bound in pixels (0: the checkpoint's own; paper: 2000000)")
     # protocol (method.md §2.4, §9)
@@ -748,7 +750,9 @@ def build_engine(cfg: EvalConfig, out_dir: Path):
     processor = VLProcessor.from_pretrained(model_path, **pixels)
     if cfg.engine == "scripted":
         return rollout.make_engine("scripted", processor=processor, seed=cfg.seed), processor
-    return rollout.make_engine("vllm", processor=processor, model_path=model_path, **sampling), processor
+    return rollout.make_engine("vllm", processor=processor, model_path=model_path, dtype=cfg.dtype,
+                               gpu_memory_utilization=cfg.vllm_gpu_memory, enforce_eager=cfg.vllm_eager,
+                               max_images=cfg.max_images, seed=cfg.seed, **sampling), processor
 
 
 # ---------------------------------------------------------------------------------------------------------------------

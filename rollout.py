@@ -43,6 +43,7 @@ import hashlib
 import html
 import io
 import json
+import os
 import re
 import threading
 import time
@@ -350,8 +351,9 @@ class HFEngine:
         width = inputs["input_ids"].shape[1]
         # every knob explicit: otherwise the checkpoint's generation_config.json (e.g. top_k, repetition_penalty of an
         # Instruct release) would silently change the sampling distribution
-        sampling = dict(do_sample=self.temperature > 0, temperature=self.temperature or None, top_p=self.top_p,
-                        top_k=self.top_k if self.top_k > 0 else 0, repetition_penalty=1.0)
+        sampling = dict(do_sample=False, repetition_penalty=1.0)   # greedy: the sampling knobs would only warn
+        if self.temperature > 0:
+            sampling |= dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0))
         out = self.model.generate(**inputs, max_new_tokens=max(r.max_new_tokens for r in requests),
                                   stop_strings=[STOP], tokenizer=p.tokenizer, eos_token_id=p.eos_id,
                                   pad_token_id=p.pad_id, **sampling)
@@ -425,48 +427,71 @@ class ScriptedExpert:
         return [self._act(r.trajectory) for r in requests]
 
 
+def vllm_prompt(traj: Trajectory, processor: VLProcessor) -> dict:
+    """A trajectory as a vLLM prompt: its token ids with each run of image pads collapsed to the single placeholder
+    vLLM expands itself, plus its images."""
+    ids, pad = [], processor.image_pad_id
+    for tok in traj.input_ids:
+        if not (tok == pad and ids and ids[-1] == pad):
+            ids.append(tok)
+    prompt = {"prompt_token_ids": ids}
+    if traj.images:
+        prompt["multi_modal_data"] = {"image": list(traj.images)}
+    return prompt
+
+
 class VLLMEngine:
     """vLLM rollouts (GPU only; `pip install -e .[vllm]`). Colocated with the trainer: `sleep()` frees its KV cache
     while the trainer updates, `sync_weights(weights)` loads the new weights in place after every update.
 
     Prompts go in as token ids plus PIL images. vLLM expands each image's single `<|image_pad|>` itself (as in the
     official code), so runs of pads in our expanded ids are collapsed to one before sending; the returned token ids are
-    appended to our own sequence unchanged (token-in, token-out). Not exercised in CI (no GPU there): checked against
-    vLLM's documented API only.
+    appended to our own sequence unchanged (token-in, token-out). vLLM resizes the images with the checkpoint's own
+    image processor; if its expanded prompt is not exactly as long as ours, the two disagree on an image's size (the
+    policy would be trained on other pixels than it sampled from), and `generate` stops with an error saying so.
+
+    The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as RL frameworks colocate it), so
+    `sync_weights` hands the trainer's tensors to the model directly instead of pickling them to another process.
+    Checked on an H200 with vLLM 0.26 (bench/vllm_bench.py); CI has no GPU.
     """
 
     def __init__(self, processor: VLProcessor, model_path: str, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = -1, gpu_memory_utilization: float = 0.5, max_model_len: int = 32768,
-                 max_images: int = 32, sync_timeout_s: float = 600.0, seed: int = 0):
+                 top_k: int = -1, dtype: str = "auto", gpu_memory_utilization: float = 0.5,
+                 max_model_len: int = 32768, max_images: int = 32, enforce_eager: bool = False,
+                 sync_timeout_s: float = 600.0, seed: int = 0):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             from vllm import LLM, SamplingParams
         except ImportError as e:
             raise ImportError("the vllm engine needs the GPU extra: pip install -e '.[vllm]'") from e
         self.processor, self.sync_timeout_s, self.sampling_params = processor, sync_timeout_s, SamplingParams
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
-        self.llm = LLM(model=str(model_path), enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization,
-                       max_model_len=max_model_len, limit_mm_per_prompt={"image": max_images, "video": 1}, seed=seed)
+        # float32 checkpoints (the tiny ones) have no flash-attention kernels: auto means bfloat16 for them
+        config = Path(model_path) / "config.json"
+        if dtype == "auto" and config.is_file():
+            saved = json.loads(config.read_text())
+            if saved.get("dtype", saved.get("torch_dtype")) == "float32":
+                dtype = "bfloat16"
+        # videos reach the model only as frames the code returns (images), so no video slot is profiled
+        self.llm = LLM(model=str(model_path), dtype=dtype, enable_sleep_mode=True,
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                       limit_mm_per_prompt={"image": max_images, "video": 0}, enforce_eager=enforce_eager, seed=seed)
 
     def sampling(self, max_tokens: int):
         return self.sampling_params(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                                     max_tokens=max_tokens, stop=[STOP], include_stop_str_in_output=True,
                                     skip_special_tokens=False, n=1)
 
-    def _prompt(self, traj: Trajectory) -> dict:
-        ids, pad = [], self.processor.image_pad_id
-        for tok in traj.input_ids:          # collapse each run of image pads to the single placeholder vLLM expects
-            if not (tok == pad and ids and ids[-1] == pad):
-                ids.append(tok)
-        prompt = {"prompt_token_ids": ids}
-        if traj.images:
-            prompt["multi_modal_data"] = {"image": list(traj.images)}
-        return prompt
-
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
-        outputs = self.llm.generate([self._prompt(r.trajectory) for r in requests],
+        outputs = self.llm.generate([vllm_prompt(r.trajectory, self.processor) for r in requests],
                                     [self.sampling(r.max_new_tokens) for r in requests], use_tqdm=False)
         results = []
-        for out in outputs:
+        for request, out in zip(requests, outputs):
+            ours, theirs = len(request.trajectory.input_ids), len(out.prompt_token_ids)
+            if ours != theirs:
+                raise RuntimeError(f"task {request.trajectory.task.id}: vLLM expanded the prompt to {theirs} tokens, "
+                                   f"our processor to {ours}: the two image processors disagree on an image's size "
+                                   "(check min_pixels/max_pixels against the checkpoint's preprocessor_config.json)")
             completion = out.outputs[0]
             ids = list(completion.token_ids)
             if completion.finish_reason == "length":
@@ -490,8 +515,7 @@ class VLLMEngine:
 
         def load():
             try:
-                runner_model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-                runner_model.load_weights(weights)
+                self.llm.apply_model(lambda model: model.load_weights(weights))
                 result["ok"] = True
             except Exception as e:  # any failure here must surface, never leave rollouts on stale weights
                 result["error"] = e

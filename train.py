@@ -121,6 +121,8 @@ class TrainConfig:
     max_turn_tokens: int = _f(10240, "token budget of one generation round")
     temperature: float = _f(1.0, "rollout sampling temperature")
     top_p: float = _f(1.0, "rollout nucleus sampling")
+    vllm_gpu_memory: float = _f(0.4, "vllm: fraction of the GPU's memory it takes (the trainer shares the GPU)")
+    vllm_eager: bool = _f(False, "vllm: no CUDA graphs or torch.compile (starts in seconds, decodes slower)")
     on_error: str = _f("terminate", "code errors end the trajectory (paper) or are fed back (feedback)")
     video_context: str = _f("on_demand", "on_demand (video only in the sandbox) or full_context (frames in the prompt)")
     template_file: str = _f("", "prompt templates JSON (the official rl_system_prompt_template.json); empty: built-in")
@@ -729,7 +731,8 @@ def make_train_engine(cfg: TrainConfig, model, processor, model_path: str):
     if cfg.engine == "scripted":   # for checks: half of its first attempts fail, so groups have reward variance
         return rollout.make_engine("scripted", processor=processor, seed=cfg.seed, recover_rate=0.5)
     return rollout.make_engine("vllm", processor=processor, model_path=model_path, temperature=cfg.temperature,
-                               top_p=cfg.top_p)
+                               top_p=cfg.top_p, gpu_memory_utilization=cfg.vllm_gpu_memory,
+                               enforce_eager=cfg.vllm_eager, seed=cfg.seed)
 
 
 def periodic_eval(cfg: TrainConfig, run: Run, out: Path, step: int, log: MetricsLog) -> None:

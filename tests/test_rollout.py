@@ -250,3 +250,45 @@ def test_sampled_video_pad_marks_the_trajectory_inconsistent(tiny_policy, image_
     assert traj.end_reason == EndReason.DONE and not traj.vision_consistent
     clean = run([task], ReplayEngine(p, [ANSWER.format("A")]), p, pool)[0]
     assert clean.vision_consistent
+
+
+class _VLLMOutputs:
+    """vLLM's `LLM.generate` as VLLMEngine reads it: per prompt, the prompt ids after vLLM expanded the images (here
+    `expanded_len` of them) and one completion."""
+
+    def __init__(self, completion_ids, expanded_len):
+        self.completion_ids, self.expanded_len = completion_ids, expanded_len
+
+    def generate(self, prompts, params, use_tqdm=False):
+        from types import SimpleNamespace as NS
+        return [NS(prompt_token_ids=[0] * self.expanded_len,
+                   outputs=[NS(token_ids=self.completion_ids, finish_reason="stop")]) for _ in prompts]
+
+
+def _stand_in_vllm_engine(processor, llm):
+    engine = object.__new__(rollout.VLLMEngine)
+    engine.processor, engine.llm = processor, llm
+    engine.sampling_params = lambda **kw: kw
+    engine.temperature, engine.top_p, engine.top_k = 0.0, 1.0, -1
+    return engine
+
+
+def test_vllm_prompt_collapses_image_pads_and_checks_the_expanded_length(tiny_policy, image_tasks_dir):
+    _, p = tiny_policy
+    task = data.load_tasks(image_tasks_dir / "tasks.json")[0][0]
+    traj = rollout.start_trajectory(task, 0, 0, p, RolloutConfig())
+    pads = traj.input_ids.count(p.image_pad_id)
+    assert pads > 1
+    prompt = rollout.vllm_prompt(traj, p)
+    assert prompt["prompt_token_ids"].count(p.image_pad_id) == len(traj.images) == 1
+    assert len(prompt["prompt_token_ids"]) == len(traj.input_ids) - pads + 1
+    assert prompt["multi_modal_data"]["image"] == list(traj.images)
+
+    code = p.encode_text(CODE.format("print(1)"))
+    request = rollout.GenRequest(traj, 64)
+    result = _stand_in_vllm_engine(p, _VLLMOutputs(code, len(traj.input_ids))).generate([request])[0]
+    assert (result.token_ids, result.finish_reason) == (code, "stop")
+    # one token more on vLLM's side: its image processor saw another size than ours, so training would not see
+    # the pixels the policy sampled from
+    with pytest.raises(RuntimeError, match=f"task {task.id}: vLLM expanded the prompt to .* image processors disagree"):
+        _stand_in_vllm_engine(p, _VLLMOutputs(code, len(traj.input_ids) + 1)).generate([request])

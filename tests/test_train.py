@@ -165,13 +165,14 @@ def test_resume_continues_exactly(tmp_path, tiny_dir, image_tasks_dir):
 
 
 class _VLLMStandIn:
-    """Only the attribute path VLLMEngine.sync_weights walks inside vLLM (vLLM itself needs a GPU)."""
+    """Only what VLLMEngine.sync_weights calls on vLLM's `LLM` (vLLM itself needs a GPU): `apply_model(func)` runs
+    func on the engine's model and returns one result per worker."""
 
     def __init__(self, load_weights):
-        runner = type("Runner", (), {"model": type("Model", (), {"load_weights": staticmethod(load_weights)})()})()
-        worker = type("Worker", (), {"model_runner": runner})()
-        executor = type("Executor", (), {"driver_worker": type("Driver", (), {"worker": worker})()})()
-        self.llm_engine = type("Engine", (), {"model_executor": executor})()
+        self.model = type("Model", (), {"load_weights": staticmethod(load_weights)})()
+
+    def apply_model(self, func):
+        return [func(self.model)]
 
 
 def _vllm_engine(load_weights, timeout_s):
