@@ -3,17 +3,20 @@ train.py, eval.py). Needs a CUDA GPU and `pip install -e .[vllm]`; CI has neithe
 
   loop: one trained checkpoint through the full agent loop (sandbox, parsing, scoring) with both engines, greedy:
         accuracy, how many trajectories come out token for token the same, trajectories/s, generated tokens/s and the
-        vLLM/HF ratio. Then the colocated weight path: a second vLLM engine is started from other weights (INIT), put
-        to sleep, woken, and given the trained checkpoint's weights with `sync_weights`; it must then score what the
-        engine started from the trained checkpoint scores (it was near chance before).
+        vLLM/HF ratio.
+  sync: the colocated weight path, in its own process (vLLM's sleep-mode allocator serves one engine per process):
+        a vLLM engine started from other weights (INIT) is put to sleep, woken, and given the trained checkpoint's
+        weights with `sync_weights`; it must then roll out what the HF engine on the trained weights rolls out.
   decode: decode throughput of the Qwen2.5-VL-7B architecture with random weights (vLLM's dummy loader; HF's random
         init), PROMPTS image prompts x NEW_TOKENS new tokens, vLLM vs HF `generate` — what a rollout costs at the
         paper's scale, without downloading a checkpoint.
 
-    python bench/vllm_bench.py loop --model CKPT --init-model OTHER_CKPT --data TASKS.json [--tasks 64] [--n 2]
-    python bench/vllm_bench.py decode --tokenizer-from CKPT [--prompts 64] [--new-tokens 512]
+    python bench/vllm_bench.py loop --model CKPT --data TASKS.json [--tasks 64] [--n 2] [--eager]
+    python bench/vllm_bench.py sync --model CKPT --init-model OTHER_CKPT --data TASKS.json [--eager]
+    python bench/vllm_bench.py decode --tokenizer-from CKPT [--prompts 64] [--new-tokens 512] [--eager]
 
-The last line of each part is its vLLM/HF ratio. Both engines run in bfloat16 (a float32 tiny checkpoint is cast).
+loop and decode end with their vLLM/HF ratio. Both engines run in bfloat16 (a float32 tiny checkpoint is cast). Figures
+from an H200 are in the README (Checked on a GPU).
 """
 from __future__ import annotations
 
@@ -107,10 +110,14 @@ def sync_part(args) -> dict:
 
 
 def decode_part(args) -> dict:
+    processor = models.VLProcessor.from_pretrained(args.tokenizer_from)
+    with tempfile.TemporaryDirectory(prefix="qwen25vl7b_") as tmp_name:
+        return _decode(args, processor, Path(tmp_name))
+
+
+def _decode(args, processor, tmp: Path) -> dict:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from vllm import LLM, SamplingParams
-    processor = models.VLProcessor.from_pretrained(args.tokenizer_from)
-    tmp = Path(tempfile.mkdtemp(prefix="qwen25vl7b_"))
     config = json.loads((Path(args.tokenizer_from) / "config.json").read_text())
     config["text_config"].update(QWEN25_VL_7B_TEXT)
     config["vision_config"].update(QWEN25_VL_7B_VISION)
@@ -131,7 +138,7 @@ def decode_part(args) -> dict:
     t0 = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     vllm_s = time.perf_counter() - t0
-    del llm
+    del llm          # shuts vLLM's engine process down: its memory goes back before the HF model is built
     gc.collect()
     torch.cuda.empty_cache()
     print(f"[vllm] {args.prompts} x {args.new_tokens} tokens in {vllm_s:.2f} s: {tokens / vllm_s:.0f} tok/s", flush=True)
@@ -159,9 +166,9 @@ def main() -> None:
     parser.add_argument("part", choices=["loop", "sync", "decode"])
     parser.add_argument("--model", help="loop, sync: trained checkpoint")
     parser.add_argument("--init-model", help="sync: a checkpoint of the same architecture with other weights")
-    parser.add_argument("--data", help="loop: tasks JSON")
-    parser.add_argument("--tasks", type=int, default=64, help="loop: tasks used")
-    parser.add_argument("--n", type=int, default=2, help="loop: samples per task")
+    parser.add_argument("--data", help="loop, sync: tasks JSON")
+    parser.add_argument("--tasks", type=int, default=64, help="loop, sync: tasks used")
+    parser.add_argument("--n", type=int, default=2, help="loop, sync: samples per task")
     parser.add_argument("--tokenizer-from", help="decode: checkpoint whose tokenizer and image processor are used")
     parser.add_argument("--prompts", type=int, default=64, help="decode: prompts (one image each)")
     parser.add_argument("--new-tokens", type=int, default=512, help="decode: tokens generated per prompt")
