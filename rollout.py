@@ -35,6 +35,9 @@ Differences from the official code
       notes (interpreter reset after a timeout, figures dropped or downscaled) are appended to it in brackets.
     * A call that ends in `sys.exit()` counts as a successful call (the official runtime reports it as an error).
     * `num_tool_calls` counts observations appended to the trajectory (official `tool_call_cnt`).
+    * With vLLM, every prompt's length after vLLM expanded its images must equal ours, or the rollout stops: otherwise
+      the two image processors disagree on an image's size and training would score other pixels than were sampled
+      from (the official code does not check). vLLM's core runs in the trainer's process (weights handed over in memory).
 """
 from __future__ import annotations
 
