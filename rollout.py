@@ -455,7 +455,8 @@ class VLLMEngine:
 
     The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as RL frameworks colocate it), so
     `sync_weights` hands the trainer's tensors to the model directly instead of pickling them to another process.
-    Checked on an H200 with vLLM 0.26 (bench/vllm_bench.py); CI has no GPU.
+    Checked on an H200 with vLLM 0.26 (bench/vllm_bench.py; README "Checked on a GPU"), in one process; the torchrun
+    path (external launcher, one engine per rank) follows vLLM's source and has not run on several GPUs yet.
     """
 
     def __init__(self, processor: VLProcessor, model_path: str, temperature: float = 1.0, top_p: float = 1.0,
@@ -475,10 +476,15 @@ class VLLMEngine:
             saved = json.loads(config.read_text())
             if saved.get("dtype", saved.get("torch_dtype")) == "float32":
                 dtype = "bfloat16"
+        # under torchrun every rank holds its own engine: vLLM's default executor would put each one on cuda:0, its
+        # external-launcher mode takes the rank and GPU from torchrun's environment and, at tensor-parallel size 1,
+        # lets the ranks generate independently (vLLM's "external DP", as verl runs it)
+        launcher = {"distributed_executor_backend": "external_launcher"} if torch.distributed.is_initialized() else {}
         # videos reach the model only as frames the code returns (images), so no video slot is profiled
         self.llm = LLM(model=str(model_path), dtype=dtype, enable_sleep_mode=True,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                       limit_mm_per_prompt={"image": max_images, "video": 0}, enforce_eager=enforce_eager, seed=seed)
+                       limit_mm_per_prompt={"image": max_images, "video": 0}, enforce_eager=enforce_eager, seed=seed,
+                       **launcher)
 
     def sampling(self, max_tokens: int):
         return self.sampling_params(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,

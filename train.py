@@ -586,7 +586,7 @@ def setup(cfg: TrainConfig, d: Dist, out: Path) -> Run:
     # HF engine gets a full replica, refreshed after every update like vLLM's copy
     engine_has_own_weights = cfg.engine == "vllm" or (cfg.engine == "hf" and cfg.parallel == "fsdp2" and d.world > 1)
     engine = make_train_engine(cfg, copy.deepcopy(model) if cfg.engine == "hf" and engine_has_own_weights else model,
-                               processor, str(resume_from / "model") if resume_from else model_path)
+                               processor, str(resume_from / "model") if resume_from else model_path, d.rank)
     train_model = wrap_model(model, cfg, d)     # before the optimiser: FSDP2 replaces the parameters by shards
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
@@ -725,14 +725,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         dist.destroy_process_group()
 
 
-def make_train_engine(cfg: TrainConfig, model, processor, model_path: str):
+def make_train_engine(cfg: TrainConfig, model, processor, model_path: str, rank: int = 0):
     if cfg.engine == "hf":
         return rollout.make_engine("hf", model, processor, temperature=cfg.temperature, top_p=cfg.top_p)
     if cfg.engine == "scripted":   # for checks: half of its first attempts fail, so groups have reward variance
         return rollout.make_engine("scripted", processor=processor, seed=cfg.seed, recover_rate=0.5)
     return rollout.make_engine("vllm", processor=processor, model_path=model_path, temperature=cfg.temperature,
                                top_p=cfg.top_p, gpu_memory_utilization=cfg.vllm_gpu_memory,
-                               enforce_eager=cfg.vllm_eager, seed=cfg.seed)
+                               enforce_eager=cfg.vllm_eager, seed=cfg.seed + rank)   # each rank samples its own
 
 
 def periodic_eval(cfg: TrainConfig, run: Run, out: Path, step: int, log: MetricsLog) -> None:
