@@ -292,3 +292,33 @@ def test_vllm_prompt_collapses_image_pads_and_checks_the_expanded_length(tiny_po
     # the pixels the policy sampled from
     with pytest.raises(RuntimeError, match=f"task {task.id}: vLLM expanded the prompt to .* image processors disagree"):
         _stand_in_vllm_engine(p, _VLLMOutputs(code, len(traj.input_ids) + 1)).generate([request])
+
+
+def test_vllm_engine_settings(tiny_dir, tiny_policy, monkeypatch, tmp_path):
+    """What VLLMEngine asks of vLLM's `LLM` (a stand-in module records it; vLLM itself needs a GPU): its core in this
+    process, sleep mode, bfloat16 for a float32 checkpoint, no video slot, and under torch.distributed one engine per
+    rank through the external launcher."""
+    import os
+    import sys
+    import types
+    import torch.distributed as dist
+    _, p = tiny_policy
+    made = []
+    fake = types.ModuleType("vllm")
+    fake.LLM = lambda **kwargs: made.append(kwargs) or object()
+    fake.SamplingParams = dict
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    rollout.VLLMEngine(p, str(tiny_dir))
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert made[0]["enable_sleep_mode"] and made[0]["dtype"] == "bfloat16"
+    assert made[0]["limit_mm_per_prompt"] == {"image": 32, "video": 0}
+    assert "distributed_executor_backend" not in made[0]
+    rollout.VLLMEngine(p, str(tiny_dir), dtype="float16")
+    assert made[1]["dtype"] == "float16"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        rollout.VLLMEngine(p, str(tiny_dir))
+    finally:
+        dist.destroy_process_group()
+    assert made[2]["distributed_executor_backend"] == "external_launcher"
