@@ -67,10 +67,22 @@ def run_loop(name: str, engine, tasks, processor, n: int) -> dict:
     return row
 
 
-def loop_part(args) -> dict:
+def hf_reference(args):
+    """The tasks, the trained policy on the GPU and its greedy rollouts with the HF engine: the reference both parts
+    compare vLLM against."""
     tasks = data.load_tasks(args.data)[0][:args.tasks]
     model, processor = models.load_policy(args.model, dtype="bfloat16", device="cuda")
     hf = run_loop("hf", rollout.make_engine("hf", model.eval(), processor, temperature=0.0), tasks, processor, args.n)
+    return tasks, model, processor, hf
+
+
+def identical(a: dict, b: dict) -> float:
+    """Fraction of trajectories whose token ids are the same in two runs."""
+    return sum(x == y for x, y in zip(a["ids"], b["ids"])) / len(a["ids"])
+
+
+def loop_part(args) -> dict:
+    tasks, _, processor, hf = hf_reference(args)
 
     t0 = time.perf_counter()
     engine = rollout.make_engine("vllm", processor=processor, model_path=args.model, temperature=0.0,
@@ -79,7 +91,7 @@ def loop_part(args) -> dict:
     print(f"vLLM engine start: {start_s:.1f} s", flush=True)
     run_loop("vllm", engine, tasks, processor, args.n)        # warm-up: first-call allocations and captures
     vllm_row = run_loop("vllm", engine, tasks, processor, args.n)
-    same = sum(a == b for a, b in zip(hf["ids"], vllm_row["ids"])) / len(hf["ids"])
+    same = identical(hf, vllm_row)
     print(f"trajectories token-identical between hf and vllm (greedy, both bfloat16): {same:.3f}")
     ratio = vllm_row["traj_per_s"] / hf["traj_per_s"]
     print(f"loop: vllm/hf trajectories per second = {ratio:.2f}x")
@@ -90,9 +102,7 @@ def sync_part(args) -> dict:
     """The colocated weight path, in a process of its own (vLLM's sleep-mode allocator serves one engine per
     process): start from other weights, sleep, wake, sync the trained ones; the HF engine on the trained weights
     is the reference."""
-    tasks = data.load_tasks(args.data)[0][:args.tasks]
-    model, processor = models.load_policy(args.model, dtype="bfloat16", device="cuda")
-    hf = run_loop("hf", rollout.make_engine("hf", model.eval(), processor, temperature=0.0), tasks, processor, args.n)
+    tasks, model, processor, hf = hf_reference(args)
     engine = rollout.make_engine("vllm", processor=processor, model_path=args.init_model, temperature=0.0,
                                  gpu_memory_utilization=0.3, enforce_eager=args.eager)
     before = run_loop("vllm, INIT weights", engine, tasks, processor, args.n)
@@ -102,7 +112,7 @@ def sync_part(args) -> dict:
     engine.sync_weights((k, v.detach()) for k, v in model.state_dict().items())
     sync_s = time.perf_counter() - t0
     after = run_loop("vllm, synced weights", engine, tasks, processor, args.n)
-    same = sum(a == b for a, b in zip(hf["ids"], after["ids"])) / len(after["ids"])
+    same = identical(hf, after)
     print(f"sync_weights: {sync_s:.2f} s; accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} (hf on the "
           f"trained weights: {hf['accuracy']:.3f}); trajectories token-identical to hf's: {same:.3f}")
     return {"sync_s": sync_s, "acc_before_sync": before["accuracy"], "acc_after_sync": after["accuracy"],
