@@ -504,10 +504,10 @@ def pretrain_copying(model, processor: "VLProcessor", steps: int, seed: int = 0,
     model.train()
     for step in tqdm(range(steps), desc="copy pretraining"):
         rows = [row() for _ in range(batch)]
-        ids = torch.tensor([r[0] for r in rows])                       # (B, L+1)
-        target_mask = torch.tensor([r[1] for r in rows])[:, 1:].bool()  # (B, L): which next tokens are copies
-        logits = model(input_ids=ids[:, :-1]).logits                     # (B, L, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")   # (B, L)
+        ids = torch.tensor([r[0] for r in rows], device=model.device)                        # (B, L+1)
+        target_mask = torch.tensor([r[1] for r in rows], device=model.device)[:, 1:].bool()   # (B, L): copied tokens
+        logits = model(input_ids=ids[:, :-1]).logits                                          # (B, L, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")         # (B, L)
         loss = nll[target_mask].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

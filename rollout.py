@@ -390,11 +390,15 @@ class ScriptedExpert:
 
     Variants used for the SFT cold start: `recover_rate` writes a broken first attempt (a typo'd name) before the real
     code, which only helps when errors are fed back (`on_error="feedback"`); `direct_rate` answers that fraction of the
-    tool-free tasks (`needs_tool=False`) directly, as a model that sees the image would, and the rest with code.
+    tool-free tasks (`needs_tool=False`) directly, as a model that sees the image would, and the rest with code;
+    `guess_rate` answers that fraction of the tool-requiring tasks directly too, as a teacher that answered without
+    looking and was kept by the correctness filter because its answer happened to be right.
     """
 
-    def __init__(self, processor: VLProcessor, recover_rate: float = 0.0, direct_rate: float = 0.0, seed: int = 0):
-        self.processor, self.recover_rate, self.direct_rate, self.seed = processor, recover_rate, direct_rate, seed
+    def __init__(self, processor: VLProcessor, recover_rate: float = 0.0, direct_rate: float = 0.0,
+                 guess_rate: float = 0.0, seed: int = 0):
+        self.processor, self.seed = processor, seed
+        self.recover_rate, self.direct_rate, self.guess_rate = recover_rate, direct_rate, guess_rate
 
     def _coin(self, traj: Trajectory, what: str) -> float:
         # a draw per (seed, task, sample, choice), so it does not depend on batching or on which rank runs it; a real
@@ -412,7 +416,8 @@ class ScriptedExpert:
             raise ValueError(f"task {task.id}: the scripted expert needs a task with solution_code (synthetic tasks)")
         answer_with = lambda a: self._say(f"<answer>\n\\boxed{{{a}}}\n</answer>", "eos")
         if not traj.turns:
-            if task.needs_tool is False and self._coin(traj, "direct") < self.direct_rate:
+            direct_rate = {True: self.guess_rate, False: self.direct_rate}.get(task.needs_tool, 0.0)
+            if self._coin(traj, "direct") < direct_rate:
                 # a multiple-choice answer by the option's text, as the solution code prints it
                 return answer_with(task.answer_text)
             if self._coin(traj, "recover") < self.recover_rate:

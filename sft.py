@@ -3,8 +3,10 @@
 What this file is
     PyVision-RL starts RL from an SFT checkpoint trained on GPT-4.1-written trajectories. Here the cold start trains on:
       * trajectories of the scripted expert (rollout.py) on the synthetic image/video tasks, produced through the real
-        loop and sandbox — including some that recover from a broken first attempt (errors fed back) and some that answer
-        tool-free tasks directly; their token layout is exactly the RL layout (same ids, same action mask);
+        loop and sandbox — including some that recover from a broken first attempt (errors fed back), some that answer
+        tool-free tasks directly (`--direct-rate`) and, optionally, some that answer tool-requiring tasks without the
+        tool (`--guess-rate`: a cold start that under-uses the tool); their token layout is exactly the RL layout (same
+        ids, same action mask);
       * or the official SFT format for GPU users: a JSON list of {"messages": [{"role", "content"}...], "images": [...]}
         where "<image>" marks each image in order (the LLaMA-Factory layout of Agents-X/PyVision-*-SFT-Data).
     The loss is next-token cross-entropy on assistant tokens only (tool outputs and prompts are masked), images included.
@@ -54,6 +56,8 @@ class SFTConfig:
     recover_rate: float = _f(0.15, "fraction of expert trajectories that first write broken code, then fix it")
     direct_rate: float = _f(1.0, "fraction of tool-free tasks answered directly, the rest with code (1.0: always "
                                  "direct, as a model that sees the image)")
+    guess_rate: float = _f(0.0, "fraction of tool-requiring tasks answered directly with the right answer (a teacher's "
+                                "guess that the correctness filter kept): a cold start that under-uses the tool")
     epochs: int = _f(3, "passes over the trajectories")
     lr: float = _f(1e-3, "AdamW learning rate (linear warm-up, then cosine decay to 10%)")
     warmup_steps: int = _f(20, "steps of linear warm-up: full-size first steps on a new format wreck what the "
@@ -86,7 +90,7 @@ def expert_trajectories(tasks: Sequence[data.Task], processor: models.VLProcesso
     was filtered the same way)."""
     from sandbox import SandboxPool
     expert = rollout.ScriptedExpert(processor, recover_rate=cfg.recover_rate,
-                                    direct_rate=cfg.direct_rate, seed=cfg.seed)
+                                    direct_rate=cfg.direct_rate, guess_rate=cfg.guess_rate, seed=cfg.seed)
     rcfg = rollout.RolloutConfig(max_turns=cfg.max_turns, on_error="feedback", template_key=cfg.template_key,
                                  video_context=cfg.video_context)
     trajs = []

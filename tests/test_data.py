@@ -137,3 +137,19 @@ def test_unreadable_file_is_a_clear_error(tmp_path):
         data.load_tasks(path)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         data.load_tasks(tmp_path / "nope.json")
+
+
+def test_image_tasks_and_video_texts_need_no_pyav(tmp_path):
+    """Only writing a video needs PyAV: image tasks and text-only video tasks (what the tiny model's tokenizer corpus
+    draws on) work on a machine without it, such as a GPU image that ships torch but not PyAV."""
+    code = ("import sys; sys.modules['av'] = None\n"             # `import av` now raises ImportError
+            "import data\n"
+            f"data.generate_image_tasks(2, 0, {str(tmp_path)!r})\n"
+            "assert len(data.generate_video_tasks(2, 0, None)) == 2\n"
+            "try:\n"
+            f"    data.generate_video_tasks(1, 0, {str(tmp_path / 'v')!r})\n"
+            "except ImportError:\n"
+            "    print('writing a video needs PyAV')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(data.__file__).parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "writing a video needs PyAV"

@@ -3,6 +3,8 @@ malformed model output; the token/mask invariants on the image and the video pro
 
 `ReplayEngine` stands in for the *policy's text* only (what a model might write); the loop, the parsing, the sandbox and
 the processor are the real ones."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -108,6 +110,19 @@ def test_expert_answers_a_fraction_of_tool_free_tasks_directly(tiny_policy, imag
     free = [t.num_tool_calls for t in trajs if t.task.needs_tool is False]
     assert free and 0.2 < free.count(0) / len(free) < 0.8 and set(free) == {0, 1}
     assert all(t.num_tool_calls == 1 for t in trajs if t.task.needs_tool)
+
+
+def test_expert_guesses_tool_requiring_tasks_at_guess_rate_only(tiny_policy, image_tasks_dir, pool):
+    """`guess_rate` answers tool-requiring tasks directly (a cold start that under-uses the tool) and touches nothing
+    else; a task that does not say whether it needs the tool (an official row) is always solved with code."""
+    _, p = tiny_policy
+    tasks = data.load_tasks(image_tasks_dir / "tasks.json")[0]
+    trajs = run(tasks, rollout.ScriptedExpert(p, guess_rate=1.0), p, pool)
+    assert all(t.correct for t in trajs)
+    assert [t.num_tool_calls for t in trajs] == [0 if t.needs_tool else 1 for t in tasks]
+    unknown = [dataclasses.replace(t, needs_tool=None) for t in tasks[:2]]
+    trajs = run(unknown, rollout.ScriptedExpert(p, direct_rate=1.0, guess_rate=1.0), p, pool)
+    assert [t.num_tool_calls for t in trajs] == [1, 1]
 
 
 def test_mrope_positions_span_the_interleaved_sequence(tiny_policy, video_tasks_dir, pool):
