@@ -58,7 +58,6 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 from PIL import Image
 
-
 VALIDATION_FIELDS = ("id", "question", "answer", "ability", "data_source")
 SYNTHETIC_IMAGE_SOURCE = "synthetic_image"
 SYNTHETIC_VIDEO_SOURCE = "synthetic_video"
