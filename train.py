@@ -722,6 +722,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     export_model(run.train_model, run.processor, out / "final", d)
     if d.world > 1:
+        # rank 0 may still be writing the export: a rank that tears its gloo pairs down while a peer is busy can abort
+        # at exit ("terminate called without an active exception", seen once in CI), so the ranks leave together
+        dist.barrier()
         dist.destroy_process_group()
 
 
