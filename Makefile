@@ -44,9 +44,14 @@ $(DEMO)/data/train/tasks.json: | $(STAMP)
 $(DEMO)/data/heldout/tasks.json: | $(STAMP)
 	$(call timed,data_heldout,$(PY) data.py --kind image --n 192 --seed 2 --out $(DEMO)/data/heldout)
 
+# the cold start: SFT on scripted-expert trajectories. $(2) is the fraction of tool-requiring tasks the teacher answered
+# without the tool: the demo's 0.4 gives a policy that under-uses the tool, the situation the paper's RL is for (with 0
+# it calls the tool on nearly every task and RL has only digit-copy slips left to fix: README "What this shows")
+cold_start = $(PY) sft.py --model $(DEMO)/model --image-tasks $(DEMO)/data/train/tasks.json --output-dir $(1) \
+		--epochs 6 --lr 2e-3 --max-turns 3 --train-vision --direct-rate 0.5 --guess-rate $(2) $(SHORT)
+
 $(DEMO)/sft/model/config.json: $(DEMO)/model/config.json $(DEMO)/data/train/tasks.json
-	$(call timed,sft,$(PY) sft.py --model $(DEMO)/model --image-tasks $(DEMO)/data/train/tasks.json \
-		--output-dir $(DEMO)/sft --epochs 6 --lr 2e-3 --max-turns 3 --train-vision --direct-rate 0.5 $(SHORT))
+	$(call timed,sft,$(call cold_start,$(DEMO)/sft,0.4))
 
 $(DEMO)/eval_sft/results.json: $(DEMO)/sft/model/config.json $(DEMO)/data/heldout/tasks.json
 	$(call timed,eval_sft,$(PY) eval.py --engine hf --model $(DEMO)/sft/model --data $(DEMO)/data/heldout/tasks.json \
@@ -67,13 +72,16 @@ $(DEMO)/summary.json: $(DEMO)/eval_sft/results.json $(DEMO)/eval_rl/results.json
 clean:
 	rm -rf runs
 
-# ---- the paper's ablations in miniature: each from the demo's cold-start checkpoint, 2 seeds ------------------------
+# ---- the paper's ablations in miniature: each from one cold start, 2 seeds -----------------------------------------
 # (8-20 min per run on one core, two runs at a time: ~2.5 h in all; runs resume, finished ones are skipped)
 ABL      := runs/ablations
 SEEDS    := 1 2
 # the demo preset allows 3 rounds, i.e. a turn budget of 2 tool calls: `full` is also the budget-2 run of the pair
 ABLATIONS:= full tool_coef_0 no_std_sort std_norm turns_4 video_on_demand video_full_context
-IMAGE_RUN:= --model $(DEMO)/sft/model --data $(DEMO)/data/train/tasks.json
+# their cold start is the teacher that always uses the tool (guess rate 0): the arms then differ only in the mechanism
+# each one changes, not in how fast RL brings tool use up from the demo's under-using cold start
+ABL_SFT  := $(ABL)/sft/model
+IMAGE_RUN:= --model $(ABL_SFT) --data $(DEMO)/data/train/tasks.json
 # the video pair: the cold start continued on video expert trajectories, then RL on video tasks with the video only in
 # the sandbox (on demand, the paper's method) or its frames in the prompt (full context, the baseline)
 # (video code is longer than image code, and fetched frames come back as images: larger budgets; 12 steps)
@@ -82,10 +90,13 @@ VIDEO_RUN:= --data $(DEMO)/data/video_train/tasks.json --max-turn-tokens 384 --m
 $(DEMO)/data/video_train/tasks.json: | $(STAMP)
 	$(PY) data.py --kind video --n 96 --seed 1 --out $(DEMO)/data/video_train
 
-# a video cold start per arm: the demo's checkpoint continued on video expert trajectories in that arm's layout (a
+$(ABL_SFT)/config.json: $(DEMO)/model/config.json $(DEMO)/data/train/tasks.json
+	$(call cold_start,$(ABL)/sft,0)
+
+# a video cold start per arm: the image cold start continued on video expert trajectories in that arm's layout (a
 # policy cold-started on the on-demand layout writes no valid action with the frames in the prompt)
-$(ABL)/video_sft_%/model/config.json: $(DEMO)/sft/model/config.json $(DEMO)/data/video_train/tasks.json
-	$(PY) sft.py --model $(DEMO)/sft/model --n-image 0 --video-tasks $(DEMO)/data/video_train/tasks.json \
+$(ABL)/video_sft_%/model/config.json: $(ABL_SFT)/config.json $(DEMO)/data/video_train/tasks.json
+	$(PY) sft.py --model $(ABL_SFT) --n-image 0 --video-tasks $(DEMO)/data/video_train/tasks.json \
 		--output-dir $(ABL)/video_sft_$* --epochs 10 --lr 2e-3 --max-turns 3 --video-context $* $(SHORT)
 
 flags_full               := $(IMAGE_RUN)
@@ -98,13 +109,13 @@ flags_video_full_context := $(VIDEO_RUN) --video-context full_context --model $(
 ABL_RUNS := $(foreach a,$(ABLATIONS),$(foreach s,$(SEEDS),$(ABL)/$(a)-s$(s)/final/config.json))
 
 # one run: runs/ablations/NAME-sSEED (NAME picks the flags above); the video arms also need their cold start
-$(ABL)/%/final/config.json: $(DEMO)/sft/model/config.json $(DEMO)/data/train/tasks.json
+$(ABL)/%/final/config.json: $(ABL_SFT)/config.json $(DEMO)/data/train/tasks.json
 	$(PY) train.py --preset demo --seed $(lastword $(subst -s, ,$*)) --output-dir $(ABL)/$* --resume \
 		$(flags_$(firstword $(subst -s, ,$*))) --html-every 0
 $(foreach s,$(SEEDS),$(ABL)/video_on_demand-s$(s)/final/config.json): $(ABL)/video_sft_on_demand/model/config.json
 $(foreach s,$(SEEDS),$(ABL)/video_full_context-s$(s)/final/config.json): $(ABL)/video_sft_full_context/model/config.json
 
 # two runs at a time with one thread each: on 2 cores that is faster than one run with two threads
-ablations: $(DEMO)/sft/model/config.json
+ablations: $(ABL_SFT)/config.json
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 $(ABL_RUNS)
 	$(PY) eval.py ablation-report $(ABL)
