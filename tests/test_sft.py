@@ -103,7 +103,8 @@ def test_demo_pipeline_end_to_end_at_test_size(tmp_path, tiny_dir, image_tasks_d
     tasks = str(image_tasks_dir / "tasks.json")
     roll = ["--template-key", "short", "--max-turns", "3", "--max-turn-tokens", "96", "--max-response-tokens", "512"]
     _run("sft.py", "--model", str(tiny_dir), "--image-tasks", tasks, "--output-dir", str(tmp_path / "sft"),
-         "--epochs", "1", "--lr", "1e-3", "--max-turns", "3", "--direct-rate", "0.5", "--template-key", "short")
+         "--epochs", "1", "--lr", "1e-3", "--max-turns", "3", "--direct-rate", "0.5", "--guess-rate", "0.4",
+         "--template-key", "short")
     log = [json.loads(line) for line in (tmp_path / "sft" / "sft_log.jsonl").read_text().splitlines()]
     assert log and log[-1]["loss"] < log[0]["loss"]
     for name in ("sft", "rl"):
