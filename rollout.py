@@ -416,8 +416,9 @@ class ScriptedExpert:
             raise ValueError(f"task {task.id}: the scripted expert needs a task with solution_code (synthetic tasks)")
         answer_with = lambda a: self._say(f"<answer>\n\\boxed{{{a}}}\n</answer>", "eos")
         if not traj.turns:
-            direct_rate = {True: self.guess_rate, False: self.direct_rate}.get(task.needs_tool, 0.0)
-            if self._coin(traj, "direct") < direct_rate:
+            # tool-free tasks use direct_rate, tool-requiring ones guess_rate; a task that does not say always gets code
+            answer_direct_p = {True: self.guess_rate, False: self.direct_rate}.get(task.needs_tool, 0.0)
+            if self._coin(traj, "direct") < answer_direct_p:
                 # a multiple-choice answer by the option's text, as the solution code prints it
                 return answer_with(task.answer_text)
             if self._coin(traj, "recover") < self.recover_rate:
