@@ -154,9 +154,8 @@ def official_rows(path: str | Path, processor: models.VLProcessor) -> list[Traje
 def sft_loss(model, trajs: Sequence[Trajectory], processor: models.VLProcessor, device, total_tokens: float):
     """Sum of assistant-token NLL in this micro-batch / total assistant tokens in the step (token mean)."""
     batch = train.collate(trajs, processor, device)
-    logp, _ = train.token_logprobs(model, batch)                                # (B, T-1)
-    mask = batch["action_mask"][:, 1:].float()                                  # (B, T-1)
-    return -(logp * mask).sum() / total_tokens, mask
+    logp, _ = train.action_logprobs(model, batch)                               # (N,) over the assistant tokens
+    return -logp.sum() / total_tokens, batch["action_mask"][:, 1:]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -38,8 +38,10 @@ Differences from the paper / official code
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -54,6 +56,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
@@ -93,7 +96,12 @@ class TrainConfig:
     train_groups: int = _f(16, "groups trained on per step (the training batch)")
     max_draws: int = _f(4, "cap on generation batches per step; at the cap, train on what survived")
     mini_batches: int = _f(1, "optimiser steps per RL step (1 = on-policy)")
-    micro_batch: int = _f(4, "trajectories per forward/backward (gradient accumulation inside a mini-batch)")
+    micro_batch: int = _f(4, "most trajectories per forward/backward (gradient accumulation inside a mini-batch)")
+    micro_batch_tokens: int = _f(0, "padded tokens per forward/backward: trajectories are sorted by length and packed "
+                                    "up to this budget (a longer one goes alone); 0: MICRO_BATCH in arrival order")
+    logprob_chunk: int = _f(2048, "action positions per LM-head chunk: only one chunk's (chunk, vocab) float32 logits "
+                                  "exist at a time, recomputed in the backward pass")
+    grad_checkpointing: bool = _f(False, "activation checkpointing of every transformer block (recompute in backward)")
     # optimisation
     lr: float = _f(1e-6, "AdamW learning rate (constant)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
@@ -105,9 +113,17 @@ class TrainConfig:
     kl_coef: float = _f(0.0, "KL-to-reference coefficient; 0 loads no reference model (paper)")
     kl_estimator: str = _f("k3", "k1 or k3")
     train_vision: bool = _f(False, "also train the vision tower (paper: frozen)")
-    dtype: str = _f("float32", "parameter dtype: float32 or bfloat16")
+    dtype: str = _f("float32", "compute dtype: float32, or bfloat16 (mixed precision: the master weights, the "
+                               "gradient reduction and AdamW's state stay float32; the final export is in this dtype)")
     parallel: str = _f("ddp", "how ranks hold the model: ddp (a full copy each) or fsdp2 (parameters, gradients and "
-                              "optimiser state sharded per transformer block: what a 7B policy needs)")
+                              "optimiser state sharded per transformer block: what a 7B policy needs; also in one "
+                              "process, as a 1-rank group)")
+    offload: bool = _f(False, "fsdp2: keep parameters, gradients and AdamW state in host memory (CPUOffloadPolicy)")
+    dist_timeout_min: float = _f(60.0, "collective timeout in minutes (NCCL's 10-minute default kills a job whose "
+                                       "ranks wait on a long checkpoint write)")
+    min_pixels: int = _f(0, "in-context image lower bound in pixels, for training, rollouts and evaluation alike "
+                            "(0: the checkpoint's own; paper: 3136)")
+    max_pixels: int = _f(0, "in-context image upper bound in pixels (0: the checkpoint's own; paper: 2000000)")
     # reward and OFR (the paper's ablation switches)
     tool_coef: float = _f(0.1, "accumulative tool reward per call, paid only when correct (0 = ablation)")
     std_sort: bool = _f(True, "rank groups by reward std (False: first come, first kept)")
@@ -138,6 +154,21 @@ class TrainConfig:
     wandb: str = _f("", "Weights & Biases project to log to (needs wandb)")
 
 
+# The paper-scale presets. Two sources disagree on the batch (arXiv 2602.20739's training details vs the released
+# training script in the official repository's README): `paper-*` follow the paper's text (32 prompts drawn per generation batch, 16
+# groups of 8 trained, one optimiser step per RL step, i.e. on-policy); `released-*` follow the released script
+# (gen_batch_size=32, train_batch_size=64 groups, ppo_mini_batch_size=16 -> 4 optimiser steps per RL step, FSDP
+# parameter and optimiser offload, vLLM at gpu_memory_utilization=0.85). Both share the rest: lr 1e-6 constant, no KL,
+# clip 0.2/0.2 with dual clip 3, token-mean loss, a turn budget of 4 tool calls, 20,480 response tokens, images within
+# 3,136..2,000,000 pixels, bf16 compute with float32 master weights, activation checkpointing, save every 10 and
+# evaluate every 20 steps, 700 steps.
+_PAPER_SCALE = dict(engine="vllm", dtype="bfloat16", parallel="fsdp2", grad_checkpointing=True, group_size=8,
+                    gen_batch_prompts=32, train_groups=16, lr=1e-6, max_turns=5, tool_coef=0.1, kl_coef=0.0,
+                    clip_low=0.2, clip_high=0.2, dual_clip=3.0, loss_agg="token-mean", max_steps=700, save_every=10,
+                    eval_every=20, micro_batch=4, micro_batch_tokens=32768, min_pixels=3136, max_pixels=2_000_000,
+                    vllm_gpu_memory=0.4)
+_RELEASED_SCRIPT = dict(train_groups=64, mini_batches=4, max_draws=16, offload=True, vllm_gpu_memory=0.85)
+
 PRESETS: dict[str, dict] = {
     "tiny": dict(group_size=4, gen_batch_prompts=4, train_groups=2, max_draws=3, micro_batch=4, lr=1e-4,
                  max_turns=3, max_response_tokens=1024, max_turn_tokens=192, tool_timeout_s=10.0, save_every=5),
@@ -145,14 +176,10 @@ PRESETS: dict[str, dict] = {
     "demo": dict(group_size=8, gen_batch_prompts=6, train_groups=3, max_draws=2, micro_batch=8, lr=3e-5,
                  max_turns=3, max_response_tokens=768, max_turn_tokens=160, tool_timeout_s=10.0, template_key="short",
                  max_steps=40, save_every=4, html_every=5),
-    "paper-image": dict(model="Agents-X/PyVision-Image-7B-SFT", engine="vllm", dtype="bfloat16", parallel="fsdp2",
-                        group_size=8, gen_batch_prompts=32, train_groups=16, lr=1e-6, max_turns=5, tool_coef=0.1, kl_coef=0.0,
-                        clip_low=0.2, clip_high=0.2, dual_clip=3.0, loss_agg="token-mean", max_steps=700,
-                        save_every=10, eval_every=20),
-    "paper-video": dict(model="Agents-X/PyVision-Video-7B-SFT", engine="vllm", dtype="bfloat16", parallel="fsdp2",
-                        group_size=8, gen_batch_prompts=32, train_groups=16, lr=1e-6, max_turns=5, tool_coef=0.1, kl_coef=0.0,
-                        clip_low=0.2, clip_high=0.2, dual_clip=3.0, loss_agg="token-mean", max_steps=700,
-                        save_every=10, eval_every=20),
+    **{f"paper-{kind}": _PAPER_SCALE | dict(model=f"Agents-X/PyVision-{kind.title()}-7B-SFT")
+       for kind in ("image", "video")},
+    **{f"released-{kind}": _PAPER_SCALE | _RELEASED_SCRIPT | dict(model=f"Agents-X/PyVision-{kind.title()}-7B-SFT")
+       for kind in ("image", "video")},
 }
 
 
@@ -200,19 +227,24 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """torchrun sets RANK/WORLD_SIZE: gloo on CPU, nccl on GPU; a plain `python train.py` is one process."""
+def init_distributed(timeout_min: float = 60.0, one_process_group: bool = False) -> Dist:
+    """torchrun sets RANK/WORLD_SIZE: gloo on CPU, nccl on GPU. A plain `python train.py` is one process, with a 1-rank
+    group when `one_process_group` (FSDP2 needs one: one process then runs the same sharded code as eight)."""
+    timeout = datetime.timedelta(minutes=timeout_min)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" not in os.environ:
-        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if one_process_group and not dist.is_initialized():
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return Dist(device=device)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
         device = torch.device("cuda", local)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        dist.init_process_group("gloo")
         device = torch.device("cpu")
+    dist.init_process_group(backend, timeout=timeout)
     return Dist(rank, world, local, device)
 
 
@@ -284,35 +316,87 @@ def collate(trajs: Sequence[Trajectory], processor: models.VLProcessor, device) 
     return rollout.batch_inputs(trajs, processor, device, side="right") | {"action_mask": action.to(device)}
 
 
-def token_logprobs(model, batch: dict, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-prob of each next token: (B, T-1) for targets input_ids[:, 1:]; optional entropy of each prediction."""
-    inputs = {k: v for k, v in batch.items() if k != "action_mask"}
-    logits = model(**inputs).logits[:, :-1].float()                                 # (B, T-1, V)
-    targets = batch["input_ids"][:, 1:]                                             # (B, T-1)
-    # log_softmax gathered at the target, without materialising the (B, T-1, V) log-softmax a second time
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)   # (B, T-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            probs = logits.softmax(-1)                                              # (B, T-1, V)
-            entropy = logits.logsumexp(-1) - (probs * logits).sum(-1)               # (B, T-1)
+def action_logprobs(model, batch: dict, chunk: int = 2048, with_entropy: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob (and entropy) of the model's own tokens only: (N,) for the N action targets of the batch, row-major.
+
+    The language model runs once over the whole interleaved sequence; the LM head then runs only at the positions whose
+    next token is an action, `chunk` positions at a time under activation checkpointing, so one (chunk, vocab) float32
+    block of logits exists at a time instead of (B, T, vocab) (~60 GiB at 7B and 8K tokens x 4 trajectories)."""
+    policy = unwrap(model)
+    captured = {}
+    # the final hidden states (after the last norm) are the inner model's output; the HF forward is still called
+    # through `model` so DDP and FSDP2 see a forward (FSDP2 gathers the root's weights, the LM head among them)
+    hook = policy.model.register_forward_hook(lambda module, args, output: captured.update(hidden=output[0]))
+    try:
+        model(**{k: v for k, v in batch.items() if k != "action_mask"}, logits_to_keep=1)   # head on one position only
+    finally:
+        hook.remove()
+    at_action = batch["action_mask"][:, 1:].bool()                                  # (B, T-1): next token is an action
+    hidden = captured["hidden"][:, :-1][at_action]                                  # (N, H)
+    targets = batch["input_ids"][:, 1:][at_action]                                  # (N,)
+    weight = policy.lm_head.weight                                                  # (V, H): under FSDP2 unsharded
+    logps, entropies = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        part = (hidden[start:start + chunk], weight, targets[start:start + chunk])
+        logp, entropy = (checkpoint(_head_logprobs, *part, use_reentrant=False) if torch.is_grad_enabled()
+                         else _head_logprobs(*part))
+        logps.append(logp)
+        entropies.append(entropy)
+    logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)      # (N,)
+    return logp, (torch.cat(entropies) if entropies and with_entropy else None)
+
+
+def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """log p(target) and the entropy at a chunk of positions. hidden: (n, H), weight: (V, H), targets: (n,)."""
+    logits = F.linear(hidden, weight).float()                                       # (n, V)
+    normaliser = logits.logsumexp(-1)                                               # (n,)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - normaliser             # (n,)
+    with torch.no_grad():
+        entropy = normaliser - (logits.softmax(-1) * logits).sum(-1)                # (n,)
     return logp, entropy
 
 
+def pack_micro_batches(lengths: Sequence[int], max_count: int, token_budget: int) -> list[list[int]]:
+    """Indices of each micro-batch. Without a budget: `max_count` at a time in the given order. With one: longest
+    first, each micro-batch filled while (its count) x (its longest length) -- the padded size it costs -- stays within
+    `token_budget` and the count within `max_count`; a trajectory longer than the budget goes alone."""
+    order = list(range(len(lengths)))
+    if token_budget <= 0:
+        return [order[i:i + max_count] for i in range(0, len(order), max_count)]
+    order.sort(key=lambda i: -lengths[i])
+    packs: list[list[int]] = []
+    for i in order:
+        # sorted longest first, so the pack's first member is its longest: the padded cost is count x that length
+        if packs and len(packs[-1]) < max_count and (len(packs[-1]) + 1) * lengths[packs[-1][0]] <= token_budget:
+            packs[-1].append(i)
+        else:
+            packs.append([i])
+    return packs
+
+
+def compute_context(cfg: TrainConfig, d: Dist):
+    """Autocast to the compute dtype where FSDP2's mixed-precision policy does not already cast (one process, DDP)."""
+    dtype = models.resolve_dtype(cfg.dtype)
+    if dtype == torch.float32 or cfg.parallel == "fsdp2":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=d.device.type, dtype=dtype)
+
+
 def ppo_token_loss(logp, old_logp, advantages, clip_low: float, clip_high: float, dual_clip: float):
-    """Per-token PPO-clip loss with dual-clip (method.md §5). logp, old_logp: (B, T); advantages: (B, 1) or (B, T)."""
-    ratio = torch.exp(logp - old_logp)                                              # (B, T)
+    """Per-token PPO-clip loss with dual-clip (method.md §5). logp, old_logp, advantages: (N,) or broadcastable."""
+    ratio = torch.exp(logp - old_logp)                                              # (N,)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = torch.maximum(unclipped, clipped)                                        # (B, T)
+    loss = torch.maximum(unclipped, clipped)                                        # (N,)
     if dual_clip > 0:  # a negative advantage with a huge ratio would otherwise dominate the step
         loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
-    clip_frac = (clipped > unclipped).float()                                       # (B, T) where clipping bound
+    clip_frac = (clipped > unclipped).float()                                       # (N,) where clipping bound
     return loss, clip_frac
 
 
 def kl_penalty(logp, ref_logp, estimator: str):
-    log_ratio = ref_logp - logp                                                     # (B, T)
+    log_ratio = ref_logp - logp                                                     # (N,)
     if estimator == "k1":
         return -log_ratio
     if estimator == "k3":  # unbiased, always >= 0 (Schulman's k3)
@@ -333,57 +417,54 @@ class UpdateStats:
 def update(model, optimizer, trajs: Sequence[Trajectory], advantages: Sequence[float], cfg: TrainConfig,
            processor: models.VLProcessor, d: Dist, ref_model=None, spare: Trajectory | None = None) -> UpdateStats:
     """PPO-clip on the kept trajectories of this rank. Normalisers are global (all ranks), so the update does not
-    depend on how trajectories are split over ranks; every rank runs the same number of forward and backward passes
-    (DDP and FSDP2 communicate in them), padding with zero-weight passes over `spare` (or its first kept trajectory)
-    when it has fewer or none kept."""
+    depend on how trajectories are split over ranks or packed into micro-batches; every rank runs the same number of
+    forward and backward passes (DDP and FSDP2 communicate in them), padding with zero-weight passes over `spare` (or
+    its first kept trajectory) when it has fewer or none kept."""
     stats = UpdateStats()
     pairs = list(zip(trajs, advantages))
     filler = trajs[0] if trajs else spare
     chunks = [pairs[i::cfg.mini_batches] for i in range(cfg.mini_batches)]
-    old = {}
+    old = {}   # id(trajectory) -> (n_actions,) log-probs under the sampling weights
     if cfg.mini_batches > 1:  # off-policy within the step: freeze log-probs of the sampling weights first
-        starts = range(0, len(pairs), cfg.micro_batch)
-        with torch.no_grad():
-            # FSDP2 gathers weights in every forward: all ranks run as many forwards (spare ones on a real trajectory)
-            for m in range(max(all_gather_objects(len(starts), d))):
-                part = [t for t, _ in pairs[starts[m]:starts[m] + cfg.micro_batch]] if m < len(starts) else [filler]
-                logp, _ = token_logprobs(model, collate(part, processor, d.device))
-                for k, t in enumerate(part):
-                    old.setdefault(id(t), logp[k])
+        with torch.no_grad(), compute_context(cfg, d):
+            for part, _ in lockstep(micro_batches(pairs, cfg), filler, d):
+                batch = collate([t for t, _ in part], processor, d.device)
+                logp, _ = action_logprobs(model, batch, cfg.logprob_chunk)
+                for (t, _), own in zip(part, logp.split(batch["action_mask"][:, 1:].sum(1).tolist())):
+                    old.setdefault(id(t), own)
     for chunk in chunks:
         # global normalisers: the mean over every action token (or sequence) of this mini-batch on every rank
-        tokens = all_reduce_sum(float(sum(sum(t.action_mask) for t, _ in chunk)), d)
-        seqs = all_reduce_sum(float(len(chunk)), d)
-        micro = [chunk[i:i + cfg.micro_batch] for i in range(0, len(chunk), cfg.micro_batch)]
-        n_micro = max(all_gather_objects(len(micro), d))
+        tokens = max(all_reduce_sum(float(sum(sum(t.action_mask) for t, _ in chunk)), d), 1.0)
+        seqs = max(all_reduce_sum(float(len(chunk)), d), 1.0)
         optimizer.zero_grad(set_to_none=True)
-        for m in range(n_micro):
-            # ranks with fewer kept trajectories repeat a real one with zero weight, so DDP's collectives line up
-            part, weight = (micro[m], 1.0) if m < len(micro) else ([(filler, 0.0)], 0.0)
+        for part, weight in lockstep(micro_batches(chunk, cfg), filler, d):
             batch = collate([t for t, _ in part], processor, d.device)
-            mask = batch["action_mask"][:, 1:].float()                              # (B, T-1): targets that are actions
-            adv = torch.tensor([a for _, a in part], dtype=torch.float32, device=d.device)[:, None]   # (B, 1)
-            logp, entropy = token_logprobs(model, batch, with_entropy=True)
-            old_logp = torch.stack([_pad_to(old[id(t)], logp.shape[1]) for t, _ in part]) if old else logp.detach()
+            counts = batch["action_mask"][:, 1:].sum(1)                              # (B,) action targets per row
+            rows = torch.repeat_interleave(torch.arange(len(part), device=d.device), counts)   # (N,) row of each
+            adv = torch.tensor([a for _, a in part], dtype=torch.float32, device=d.device)[rows]   # (N,)
+            with compute_context(cfg, d):
+                logp, entropy = action_logprobs(model, batch, cfg.logprob_chunk, with_entropy=True)   # (N,), (N,)
+            old_logp = torch.cat([old[id(t)] for t, _ in part]) if old else logp.detach()          # (N,)
             loss_tok, clip_frac = ppo_token_loss(logp, old_logp, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
             if ref_model is not None and cfg.kl_coef > 0:
-                with torch.no_grad():
-                    ref_logp, _ = token_logprobs(ref_model, batch)
-                kl = kl_penalty(logp, ref_logp, cfg.kl_estimator)
+                with torch.no_grad(), compute_context(cfg, d):
+                    ref_logp, _ = action_logprobs(ref_model, batch, cfg.logprob_chunk)
+                kl = kl_penalty(logp, ref_logp, cfg.kl_estimator)                      # (N,)
                 loss_tok = loss_tok + cfg.kl_coef * kl
-                stats.kl += float((kl * mask).sum()) / max(tokens, 1)
+                stats.kl += float(kl.sum()) * weight / tokens
             if cfg.loss_agg == "token-mean":
-                loss = (loss_tok * mask).sum() / max(tokens, 1.0)
+                loss = loss_tok.sum() / tokens
             elif cfg.loss_agg == "seq-mean-token-mean":
-                loss = ((loss_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / max(seqs, 1.0)
+                per_seq = loss_tok.new_zeros(len(part)).index_add(0, rows, loss_tok) / counts.clamp(min=1)   # (B,)
+                loss = per_seq.sum() / seqs
             else:
                 raise ValueError(f"unknown loss_agg {cfg.loss_agg!r}")
-            # DDP averages gradients over ranks; scaling by world turns that average into the global sum we want
+            # DDP and FSDP2 average gradients over ranks; scaling by world turns that average into the global sum
             (loss * weight * d.world).backward()
             stats.loss += loss.item() * weight
-            stats.entropy += float((entropy * mask).sum()) * weight / max(tokens, 1)
-            stats.clip_frac += float((clip_frac * mask).sum()) * weight / max(tokens, 1)
-            stats.tokens += float(mask.sum()) * weight
+            stats.entropy += float(entropy.sum()) * weight / tokens
+            stats.clip_frac += float(clip_frac.sum()) * weight / tokens
+            stats.tokens += float(counts.sum()) * weight
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         stats.grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP2: a DTensor
@@ -394,62 +475,93 @@ def update(model, optimizer, trajs: Sequence[Trajectory], advantages: Sequence[f
     return stats
 
 
-def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
-    return F.pad(x, (0, length - x.shape[0])) if x.shape[0] < length else x[:length]
+def micro_batches(pairs: Sequence[tuple[Trajectory, float]], cfg: TrainConfig) -> list[list[tuple[Trajectory, float]]]:
+    packs = pack_micro_batches([len(t.input_ids) for t, _ in pairs], cfg.micro_batch, cfg.micro_batch_tokens)
+    return [[pairs[i] for i in pack] for pack in packs]
+
+
+def lockstep(micro: list, filler: Trajectory, d: Dist):
+    """(micro-batch, weight) for as many passes as the busiest rank runs: ranks with fewer repeat a real trajectory
+    with weight 0, so the collectives inside every forward and backward line up."""
+    for m in range(max(all_gather_objects(len(micro), d))):
+        yield (micro[m], 1.0) if m < len(micro) else ([(filler, 0.0)], 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints: atomic directories, newest wins
 # ---------------------------------------------------------------------------------------------------------------------
 
-def full_state_dicts(model, optimizer=None) -> tuple[dict, dict | None]:
-    """Unsharded model (and optimiser) state, on rank 0's CPU. The same call serves one process, DDP and FSDP2; it is
-    a collective, so every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    return model_state, get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
-
-
-def write_hf_dir(model, model_state: dict, processor, path: Path) -> None:
-    """A Hugging Face checkpoint directory from a full state dict. Tied weights (Qwen's lm_head = embeddings) come
-    back from the gather as two copies; the tied one is left out, as from_pretrained ties it again."""
-    model = unwrap(model)
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    model.save_pretrained(path, state_dict={k: v for k, v in model_state.items() if k not in tied})
-    processor.save_pretrained(path)
-
-
-def export_model(model, processor, path: Path, d: Dist) -> None:
-    """Write the final Hugging Face directory (what eval.py and vLLM load) from rank 0; every rank calls this."""
-    model_state, _ = full_state_dicts(model)
+def export_model(model, processor, path: Path, dtype: str, d: Dist) -> None:
+    """Write the final Hugging Face directory (what eval.py and vLLM load) in `dtype`, gathered to rank 0's CPU and
+    written to a temp dir renamed when complete; every rank calls this (the gather is a collective). Tied weights (Qwen's
+    lm_head = embeddings) come back from the gather as two copies; the tied one is left out, as from_pretrained ties it
+    again."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.main:
-        write_hf_dir(model, model_state, processor, path)
+        policy, torch_dtype = unwrap(model), models.resolve_dtype(dtype)
+        tied = getattr(policy, "all_tied_weights_keys", None) or {}
+        state = {k: v.to(torch_dtype) for k, v in state.items() if k not in tied}
+        tmp = path.with_name(f".tmp_{path.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(tmp, state_dict=state)
+        config = json.loads((tmp / "config.json").read_text())   # it names the master weights' dtype: say ours
+        config["dtype"] = str(torch_dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        processor.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, processor, stream: PromptStream, extra: dict, d: Dist,
+def save_checkpoint(out: Path, step: int, model, optimizer, stream: PromptStream, extra: dict, d: Dist,
                     keep: int) -> None:
-    """Write ckpt/step_N atomically: everything goes to a temp dir that is renamed only when complete."""
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    rngs = all_gather_objects(rng, d)           # each rank's RNG state, so resumed ranks continue exactly
-    model_state, optimizer_state = full_state_dicts(model, optimizer)   # gathered from every rank's shards
+    """Write ckpt/step_N atomically: each rank writes its own shard of the float32 master weights and AdamW state
+    (torch.distributed.checkpoint, no gather), rank 0 the RNG states and the stream position, all into a temp dir that
+    is renamed only when every rank has finished. Multi-node runs need OUTPUT_DIR on a shared file system."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final, tmp = out / "ckpt" / f"step_{step:06d}", out / "ckpt" / f".tmp_step_{step:06d}"
     if d.main:
-        final, tmp = out / "ckpt" / f"step_{step:06d}", out / "ckpt" / f".tmp_step_{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        write_hf_dir(model, model_state, processor, tmp / "model")
-        torch.save({"optimizer": optimizer_state, "rng": rngs}, tmp / "state.pt")
+    barrier(d)
+    model_state, optimizer_state = get_state_dict(model, optimizer)     # this rank's shards (DDP: full copies)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / "shards",
+             no_dist=not dist.is_initialized())
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    rngs = all_gather_objects(rng, d)           # each rank's RNG state, so resumed ranks continue exactly
+    if d.main:
+        torch.save({"rng": rngs}, tmp / "rng.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, "stream": stream.state(), **extra}))
         os.replace(tmp, final)
         for old in sorted((out / "ckpt").glob("step_*"))[:-keep]:
             shutil.rmtree(old)
-    if d.world > 1:
-        dist.barrier()
+    barrier(d)
+
+
+def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
+    """Read this rank's shards of a checkpoint into the (wrapped) model and optimiser in place, and its RNG state;
+    returns the checkpoint's meta. Resharding is torch.distributed.checkpoint's: any layout can resume any other."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path / "shards", no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    rngs = torch.load(path / "rng.pt", weights_only=False)["rng"]
+    rng = rngs[d.rank % len(rngs)]
+    random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+    return json.loads((path / "meta.json").read_text())
 
 
 def latest_checkpoint(out: Path) -> Path | None:
     found = sorted((out / "ckpt").glob("step_*"))
     return found[-1] if found else None
+
+
+def barrier(d: Dist) -> None:
+    if dist.is_initialized() and d.world > 1:
+        dist.barrier()
 
 
 def unwrap(model):
@@ -459,22 +571,29 @@ def unwrap(model):
 def wrap_model(model, cfg: TrainConfig, d: Dist):
     """Share the policy over the ranks: DDP keeps a full copy per rank; FSDP2 shards every transformer block of the
     language model and of the vision tower as one unit, and the rest (embeddings, head, merger) with the root, so a
-    block's weights are gathered only while it runs. One process: the model as it is."""
-    if d.world == 1:
-        return model
-    if cfg.parallel == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model)
+    block's weights are gathered only while it runs. With a bfloat16 compute dtype FSDP2 gathers bfloat16 copies of the
+    float32 shards and reduces gradients in float32 (one process and DDP autocast instead: `compute_context`).
+    Activation checkpointing is switched on first, so the weight names stay those of the checkpoint."""
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.parallel == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        shard = dict(mp_policy=MixedPrecisionPolicy(param_dtype=models.resolve_dtype(cfg.dtype),
+                                                    reduce_dtype=torch.float32),
+                     offload_policy=CPUOffloadPolicy() if cfg.offload else OffloadPolicy())
         for block in [*model.model.language_model.layers, *model.model.visual.blocks]:
-            fully_shard(block)
-        return fully_shard(model)
-    raise ValueError(f"unknown --parallel {cfg.parallel!r}; choose ddp or fsdp2")
+            fully_shard(block, **shard)
+        return fully_shard(model, **shard)
+    if cfg.offload:
+        raise SystemExit("--offload needs --parallel fsdp2")
+    if cfg.parallel != "ddp":
+        raise ValueError(f"unknown --parallel {cfg.parallel!r}; choose ddp or fsdp2")
+    return torch.nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
 
 
 def full_weights(model):
-    """(name, unsharded tensor) for every weight, for the rollout engine; under FSDP2 each one is all-gathered, so
-    every rank walks this in the same order."""
+    """(name, unsharded float32 tensor) for every weight, one at a time, for the rollout engine (which casts each to
+    its own dtype); under FSDP2 each one is all-gathered, so every rank walks this in the same order."""
     from torch.distributed.tensor import DTensor
     for name, tensor in unwrap(model).state_dict().items():
         yield name, (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
@@ -576,31 +695,34 @@ def setup(cfg: TrainConfig, d: Dist, out: Path) -> Run:
     torch.manual_seed(cfg.seed + d.rank)
     model_path, tasks = prepare_inputs(cfg, out, d)
     reward.check_routable(((t.data_source, t.ability) for t in tasks), None)   # fail now, not mid-step
-    resume_from = latest_checkpoint(out) if cfg.resume else None
-    model, processor = models.load_policy(resume_from / "model" if resume_from else model_path, dtype=cfg.dtype,
-                                          device=str(d.device))
+    # the master weights are float32 whatever the compute dtype: at lr 1e-6 almost every AdamW update of a bfloat16
+    # weight would round away. The image bounds set here are the ones rollouts (vLLM included) and evaluation use.
+    model, processor = models.load_policy(model_path, dtype="float32", device=str(d.device),
+                                          min_pixels=cfg.min_pixels or None, max_pixels=cfg.max_pixels or None)
     if not cfg.train_vision:
         model.model.visual.requires_grad_(False)   # the paper freezes the vision tower
-    ref_model = models.load_policy(model_path, dtype=cfg.dtype, device=str(d.device))[0].eval() if cfg.kl_coef > 0 else None
+    ref_model = None
+    if cfg.kl_coef > 0:
+        ref_model = models.load_policy(model_path, dtype=cfg.dtype, device=str(d.device))[0].eval()
     # a sharded policy cannot run `generate` rank by rank (its all-gathers would have to line up), so under FSDP2 the
-    # HF engine gets a full replica, refreshed after every update like vLLM's copy
-    engine_has_own_weights = cfg.engine == "vllm" or (cfg.engine == "hf" and cfg.parallel == "fsdp2" and d.world > 1)
-    engine = make_train_engine(cfg, copy.deepcopy(model) if cfg.engine == "hf" and engine_has_own_weights else model,
-                               processor, str(resume_from / "model") if resume_from else model_path, d.rank)
+    # HF engine gets a full replica in the compute dtype, refreshed after every update like vLLM's copy
+    engine_has_own_weights = cfg.engine == "vllm" or (cfg.engine == "hf" and cfg.parallel == "fsdp2")
+    replica = None
+    if engine_has_own_weights and cfg.engine == "hf":
+        replica = copy.deepcopy(model).to(models.resolve_dtype(cfg.dtype)).eval()
+    resume_from = latest_checkpoint(out) if cfg.resume else None
     train_model = wrap_model(model, cfg, d)     # before the optimiser: FSDP2 replaces the parameters by shards
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     stream, start_step, extra = PromptStream(tasks, cfg.seed), 0, {"first_tool_calls": None}
     if resume_from:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        meta = json.loads((resume_from / "meta.json").read_text())
-        state = torch.load(resume_from / "state.pt", weights_only=False)
-        # every rank reads the full state and keeps its own shard of it
-        set_optimizer_state_dict(train_model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        rng = state["rng"][d.rank]
-        random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+        meta = load_checkpoint(resume_from, train_model, optimizer, d)
         stream = PromptStream(tasks, cfg.seed, **meta["stream"])
         start_step, extra = meta["step"], {"first_tool_calls": meta.get("first_tool_calls")}
+    # an engine with its own weights (vLLM, the replica) starts from MODEL: on a resume it gets the resumed ones now
+    engine = make_train_engine(cfg, model if replica is None else replica, processor, model_path, d.rank)
+    if resume_from and engine_has_own_weights:
+        engine.sync_weights(full_weights(train_model))
     rollout_cfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
                                         max_turn_tokens=cfg.max_turn_tokens, on_error=cfg.on_error,
                                         tool_timeout_s=cfg.tool_timeout_s, video_context=cfg.video_context,
@@ -666,7 +788,7 @@ def collapse_alarm(metrics: dict, run: Run, cfg: TrainConfig) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(argv)
-    d = init_distributed()
+    d = init_distributed(cfg.dist_timeout_min, one_process_group=cfg.parallel == "fsdp2")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if d.main:
@@ -695,12 +817,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                              run.processor, d, run.ref_model, spare=sampler.local[0])
             update_s = time.perf_counter() - t0
 
-            # 3) new weights to the rollout engine
+            # 3) new weights to the rollout engine (vLLM wakes up inside: cache freed, weights, sync, KV cache)
             t0 = time.perf_counter()
             if run.engine_has_own_weights:
-                if hasattr(run.engine, "wake_up"):
-                    run.engine.wake_up()
-                run.engine.sync_weights(full_weights(run.model))
+                run.engine.sync_weights(full_weights(run.train_model))
             sync_s = time.perf_counter() - t0
 
             # 4) log: reward parts, tool use, OFR, loss, timings; alarm on interaction collapse; a few trajectories
@@ -715,16 +835,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             # 5) checkpoint and evaluate
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-                save_checkpoint(out, step + 1, run.train_model, run.optimizer, run.processor, run.stream, run.extra, d,
+                save_checkpoint(out, step + 1, run.train_model, run.optimizer, run.stream, run.extra, d,
                                 cfg.keep_checkpoints)
-            if cfg.eval_every and cfg.eval_data and (step + 1) % cfg.eval_every == 0 and d.main:
-                periodic_eval(cfg, run, out, step + 1, log)
+            if cfg.eval_every and cfg.eval_data and (step + 1) % cfg.eval_every == 0:
+                periodic_eval(cfg, run, out, step + 1, log, d)
 
-    export_model(run.train_model, run.processor, out / "final", d)
-    if d.world > 1:
+    export_model(run.train_model, run.processor, out / "final", cfg.dtype, d)
+    if dist.is_initialized():
         # rank 0 may still be writing the export: a rank that tears its gloo pairs down while a peer is busy can abort
         # at exit ("terminate called without an active exception", seen once in CI), so the ranks leave together
-        dist.barrier()
+        barrier(d)
         dist.destroy_process_group()
 
 
@@ -738,9 +858,11 @@ def make_train_engine(cfg: TrainConfig, model, processor, model_path: str, rank:
                                enforce_eager=cfg.vllm_eager, seed=cfg.seed + rank)   # each rank samples its own
 
 
-def periodic_eval(cfg: TrainConfig, run: Run, out: Path, step: int, log: MetricsLog) -> None:
-    """Greedy evaluation on rank 0, with the rollout engine's own weights when it has them (vLLM, or the replica under
-    FSDP2, where the sharded policy cannot run alone), else with the policy itself."""
+def periodic_eval(cfg: TrainConfig, run: Run, out: Path, step: int, log: MetricsLog, d: Dist) -> None:
+    """Greedy evaluation spread over the ranks: each evaluates every world-th task with its rollout engine's own weights
+    when it has them (vLLM, or the replica under FSDP2, where the sharded policy cannot run alone), else with the
+    policy itself; rank 0 gathers the samples and writes the report. (Rank 0 alone would leave the others waiting in a
+    collective for the whole evaluation.)"""
     import eval as evaluation
     tasks, _ = data.load_tasks(cfg.eval_data)
     if run.engine_has_own_weights:
@@ -748,12 +870,19 @@ def periodic_eval(cfg: TrainConfig, run: Run, out: Path, step: int, log: Metrics
         engine.temperature = 0.0
     else:
         engine = rollout.make_engine("hf", run.model, run.processor, temperature=0.0)
-    results = evaluation.evaluate(tasks, engine, run.processor,
-                                  evaluation.EvalConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
-                                                        max_turn_tokens=cfg.max_turn_tokens, temperature=0.0,
-                                                        template_file=cfg.template_file, template_key=cfg.template_key,
-                                                        video_context=cfg.video_context),
-                                  out / "eval" / f"step_{step:06d}")
+    eval_cfg = evaluation.EvalConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
+                                     max_turn_tokens=cfg.max_turn_tokens, temperature=0.0,
+                                     template_file=cfg.template_file, template_key=cfg.template_key,
+                                     video_context=cfg.video_context)
+    report_dir = out / "eval" / f"step_{step:06d}"
+    part_dir = report_dir / f"rank_{d.rank}" if d.world > 1 else report_dir
+    results = evaluation.evaluate(tasks[d.rank::d.world], engine, run.processor, eval_cfg, part_dir)
+    if d.world > 1:
+        samples = [s for part in all_gather_objects(results["samples"], d) for s in part]
+        results = evaluation.summarize([evaluation.SampleRecord(**s) for s in samples], eval_cfg.samples)
+        if d.main:
+            evaluation.write_reports(results | {"config": dataclasses.asdict(eval_cfg)}, report_dir, [],
+                                     title=f"step {step}, {d.world} ranks")
     log.write(step, {f"eval/{k}": v for k, v in results["summary"].items() if isinstance(v, (int, float))})
 
 

@@ -34,13 +34,19 @@ def expert_batch(tiny_dir, image_tasks_dir):
     return trajs, adv.tolist()
 
 
+def full_logprobs(model, batch):
+    """The plain computation the chunked one replaces: (B, T-1, V) float32 logits, log-softmax at every target."""
+    logits = model(**{k: v for k, v in batch.items() if k != "action_mask"}).logits[:, :-1].float()   # (B, T-1, V)
+    return logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)            # (B, T-1)
+
+
 def surrogate(model, trajs, adv, p, old):
     """The PPO surrogate of the batch under fixed old log-probs (what one update step minimises)."""
     batch = train.collate(trajs, p, "cpu")
-    logp, _ = train.token_logprobs(model, batch)
-    mask = batch["action_mask"][:, 1:].float()
-    loss, _ = train.ppo_token_loss(logp, old, torch.tensor(adv)[:, None], 0.2, 0.2, 3.0)
-    return float((loss * mask).sum() / mask.sum())
+    logp, _ = train.action_logprobs(model, batch)
+    rows = torch.repeat_interleave(torch.arange(len(trajs)), batch["action_mask"][:, 1:].sum(1))
+    loss, _ = train.ppo_token_loss(logp, old, torch.tensor(adv)[rows], 0.2, 0.2, 3.0)
+    return float(loss.mean())
 
 
 def test_one_step_changes_weights_and_lowers_the_loss(tiny_dir, expert_batch):
@@ -49,7 +55,7 @@ def test_one_step_changes_weights_and_lowers_the_loss(tiny_dir, expert_batch):
     model.model.visual.requires_grad_(False)
     cfg = train.TrainConfig(lr=1e-4, micro_batch=3)
     with torch.no_grad():
-        old, _ = train.token_logprobs(model, train.collate(trajs, p, "cpu"))
+        old, _ = train.action_logprobs(model, train.collate(trajs, p, "cpu"))
         before = surrogate(model, trajs, adv, p, old)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr)
@@ -62,21 +68,32 @@ def test_one_step_changes_weights_and_lowers_the_loss(tiny_dir, expert_batch):
         assert surrogate(model, trajs, adv, p, old) < before
 
 
-def test_masked_tokens_get_exactly_zero_gradient(tiny_dir, expert_batch):
+@pytest.mark.parametrize("chunk", [1, 7, 100000])
+def test_chunked_action_logprobs_equal_the_full_computation(tiny_dir, expert_batch, chunk):
+    """Log-probs, entropies and the gradient of a loss over action tokens: the chunked, checkpointed LM head at action
+    positions equals full-vocabulary logits at every position masked afterwards; tokens outside the action mask
+    (prompt, tool output, padding) get exactly zero gradient."""
     trajs, adv = expert_batch
     model, p = models.load_policy(tiny_dir)
     batch = train.collate(trajs, p, "cpu")
-    logp, _ = train.token_logprobs(model, batch)
-    logp.retain_grad()
-    mask = batch["action_mask"][:, 1:].float()
-    loss, _ = train.ppo_token_loss(logp, logp.detach(), torch.tensor(adv)[:, None], 0.2, 0.2, 3.0)
-    ((loss * mask).sum() / mask.sum()).backward()
-    grad = logp.grad
-    assert torch.count_nonzero(grad[mask == 0]) == 0                   # prompt, observations, padding
-    nonzero_adv = torch.tensor(adv)[:, None].expand_as(mask) != 0
-    assert bool((grad[(mask == 1) & nonzero_adv] != 0).all())          # every action token with A != 0 learns
-    # the observation tokens exist and are masked: their targets never enter the loss
-    assert any(t.response_len > sum(t.action_mask) for t in trajs)
+    mask = batch["action_mask"][:, 1:].bool()                                   # (B, T-1)
+    assert any(t.response_len > sum(t.action_mask) for t in trajs)              # tool output exists and is masked
+    full = full_logprobs(model, batch)
+    full.retain_grad()
+    (full[mask] * torch.linspace(-1, 1, int(mask.sum()))).sum().backward()
+    assert torch.count_nonzero(full.grad[~mask]) == 0
+    expected_grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+    model.zero_grad()
+    logp, entropy = train.action_logprobs(model, batch, chunk=chunk, with_entropy=True)   # (N,), (N,)
+    (logp * torch.linspace(-1, 1, int(mask.sum()))).sum().backward()
+    assert torch.allclose(logp, full[mask].detach(), atol=1e-5)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "action_mask"}).logits[:, :-1][mask].float()
+        assert torch.allclose(entropy, torch.distributions.Categorical(logits=logits).entropy(), atol=1e-4)
+    for name, q in model.named_parameters():
+        if name in expected_grads:
+            # float32 sums in another order: equal to 1e-4 of the gradient's own scale
+            assert (q.grad - expected_grads[name]).abs().max() <= 1e-4 * expected_grads[name].abs().max(), name
 
 
 def test_ppo_loss_clipping_and_dual_clip():
