@@ -329,7 +329,7 @@ def action_logprobs(model, batch: dict, chunk: int = 2048, with_entropy: bool = 
     # through `model` so DDP and FSDP2 see a forward (FSDP2 gathers the root's weights, the LM head among them)
     hook = policy.model.register_forward_hook(lambda module, args, output: captured.update(hidden=output[0]))
     try:
-        model(**{k: v for k, v in batch.items() if k != "action_mask"}, logits_to_keep=1)   # head on one position only
+        model(**{k: v for k, v in batch.items() if k != "action_mask"}, logits_to_keep=1, use_cache=False)   # head: 1 position
     finally:
         hook.remove()
     at_action = batch["action_mask"][:, 1:].bool()                                  # (B, T-1): next token is an action
@@ -580,7 +580,8 @@ def wrap_model(model, cfg: TrainConfig, d: Dist):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         shard = dict(mp_policy=MixedPrecisionPolicy(param_dtype=models.resolve_dtype(cfg.dtype),
                                                     reduce_dtype=torch.float32),
-                     offload_policy=CPUOffloadPolicy() if cfg.offload else OffloadPolicy())
+                     offload_policy=(CPUOffloadPolicy(pin_memory=torch.cuda.is_available())   # pinning needs a GPU
+                                     if cfg.offload else OffloadPolicy()))
         for block in [*model.model.language_model.layers, *model.model.visual.blocks]:
             fully_shard(block, **shard)
         return fully_shard(model, **shard)
