@@ -8,7 +8,8 @@ What this file is
         agent loop as training (rollout.rollout, one sandbox per trajectory from sandbox.SandboxPool), scores it
         (rollout.score_trajectories → reward.py) and appends one record per finished (task, sample) to
         `samples.jsonl`. A restarted run skips the recorded samples; a sample that fails (media that will not load, a
-        verifier or judge error, an unknown data_source) is recorded with its error and the run goes on.
+        prompt the engine refused, a verifier or judge error, an unknown data_source) is recorded with its error and
+        the run goes on.
       * Reports: `results.json` (summary, per data source, per source/ability, avg@k, every sample record),
         `results.md`, `accuracy_vs_visual_tokens.png`, `tool_calls_hist.png` and `trajectories.html` (rollout.write_html).
       * `compare(run_dirs)`: a markdown side-by-side table of finished runs (SFT vs RL, on-demand vs full-context...).
@@ -283,7 +284,9 @@ def error_record(task: Task, sample: int, stage: str, error: BaseException | str
 
 def trajectory_record(traj: rollout.Trajectory, processor: VLProcessor, wall_s: float,
                       score_error: BaseException | None = None) -> SampleRecord:
-    if score_error is None:
+    if score_error is None and traj.reward_parts.masked:   # the judge gave no verdict within its budget
+        outcome = dict(error="judge: no verdict within its retries and time budget", error_stage="score")
+    elif score_error is None:
         parts = traj.reward_parts
         outcome = dict(answer=parts.answer, acc=parts.acc, correct=parts.correct, reward=parts.total,
                        wellformed=parts.wellformed, verifier=parts.verifier)
@@ -393,9 +396,12 @@ def run_batch(batch: list[tuple[Task, list[int]]], engine, processor: VLProcesso
     wall_s = (time.perf_counter() - start) / len(trajs)
     for traj, (_, sample) in zip(trajs, units):   # rollout numbers its n=1 samples 0; restore the sample index
         traj.sample_index = sample
+    # a prompt the engine refused (ENGINE_ERROR) is an error of that sample, not a wrong answer
+    refused = [error_record(t.task, t.sample_index, "rollout", t.error) for t in trajs if t.error is not None]
+    trajs = [t for t in trajs if t.error is None]
     try:
         rollout.score_trajectories(trajs, processor, cfg.tool_coef, judge, cfg.strict)
-        return [trajectory_record(t, processor, wall_s) for t in trajs], trajs
+        return refused + [trajectory_record(t, processor, wall_s) for t in trajs], trajs
     except Exception:   # noqa: BLE001 — find the trajectories that fail and record them alone
         records = []
         for traj in trajs:
@@ -404,11 +410,13 @@ def run_batch(batch: list[tuple[Task, list[int]]], engine, processor: VLProcesso
                 records.append(trajectory_record(traj, processor, wall_s))
             except Exception as error:   # noqa: BLE001
                 records.append(trajectory_record(traj, processor, wall_s, score_error=error))
-        return records, [t for t, r in zip(trajs, records) if r.error is None]
+        return refused + records, [t for t, r in zip(trajs, records) if r.error is None]
 
 
 def make_judge(cfg: EvalConfig) -> reward.Judge | None:
-    return reward.Judge(base_url=cfg.judge_url, model=cfg.judge_model) if cfg.judge_url else None
+    """A sample the judge cannot score in its budget is masked and recorded as that sample's error (a rerun with
+    --retry-errors judges it again); the samples it did score are never sent again."""
+    return reward.Judge(base_url=cfg.judge_url, model=cfg.judge_model, on_failure="mask") if cfg.judge_url else None
 
 
 def evaluate(tasks: Sequence[Task], engine, processor: VLProcessor, cfg: EvalConfig, out_dir: str | Path) -> dict:

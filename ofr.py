@@ -11,7 +11,8 @@ What this file is
            tool bonus, so an all-correct group with different tool counts stays.
         3. no_image (option `require_image`) — trajectories that never received an image observation.
         4. vision_inconsistent — vision-token count ≠ image count (truncation cut an image).
-        5. end_reason:<X> — end reasons outside `keep_end_reasons` (default: drop OVER_LENGTH and EXCEED_MAX_IMAGE_NUM).
+        5. end_reason:<X> — end reasons outside `keep_end_reasons` (default: drop OVER_LENGTH, EXCEED_MAX_IMAGE_NUM and
+           ENGINE_ERROR, a prompt the rollout engine refused; rollout.py).
       The survivors are ranked by their group's reward std (over the full group), highest first, and cut to
       `train_groups` whole groups — or, with `whole_groups=False`, to train_groups · group_size trajectories as the
       official code does. Without `std_sort` the first ones in arrival order are kept.
@@ -63,8 +64,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # official EndReasonEnum names, except EXCEED_MAX_IMAGE_NUM (official EXCEED_MAX_IMAGE_NUM_32: the cap is configurable)
-END_REASONS = frozenset({"DONE", "ERROR_IN_ACTION", "OVER_LENGTH", "EXCEED_MAX_TURNS", "EXCEED_MAX_IMAGE_NUM"})
-BROKEN_END_REASONS = frozenset({"OVER_LENGTH", "EXCEED_MAX_IMAGE_NUM"})
+# and ENGINE_ERROR (ours: the rollout engine refused the trajectory's prompt, so its rollout stopped unfinished)
+END_REASONS = frozenset({"DONE", "ERROR_IN_ACTION", "OVER_LENGTH", "EXCEED_MAX_TURNS", "EXCEED_MAX_IMAGE_NUM",
+                         "ENGINE_ERROR"})
+BROKEN_END_REASONS = frozenset({"OVER_LENGTH", "EXCEED_MAX_IMAGE_NUM", "ENGINE_ERROR"})
 # a correct trajectory counts as "negative advantage" below this, so float noise around 0 does not
 NEGATIVE_ADVANTAGE_TOL = 1e-9
 

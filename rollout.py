@@ -14,11 +14,16 @@ What this file is
       * observations are new user turns `<tool_response><interpreter>Text Result: ... Image Result: <image_clue_k>...`,
         opened with `\n<|im_start|>user\n` and closed with `<|im_end|>\n<|im_start|>assistant\n` (the action before an
         observation is not closed with <|im_end|>);
-      * end reasons DONE, ERROR_IN_ACTION, OVER_LENGTH, EXCEED_MAX_TURNS, EXCEED_MAX_IMAGE_NUM, checked in that order.
+      * end reasons DONE, ERROR_IN_ACTION, OVER_LENGTH, EXCEED_MAX_TURNS, EXCEED_MAX_IMAGE_NUM, checked in that order
+        (plus our ENGINE_ERROR, see below).
 
     Engines share one interface (`Engine.generate(requests) -> results`): `hf` (transformers generate, batched, CPU or GPU),
     `vllm` (lazy import, GPU) and `scripted` (an expert that writes the tasks' real solution code and answers with what
     it printed; it drives the same loop, sandbox and parsing as a model).
+
+    `write_html` is the viewer: a summary (accuracy, end reasons, tool calls, failed calls) linking to every sample,
+    then each GRPO group side by side with rewards, advantages, OFR's verdicts and why each trajectory ended — the
+    sandbox's error included, which `Turn.tool_error` keeps even when the error ended the episode unseen by the model.
 
 How to run
     python rollout.py --engine scripted --data runs/data/image/tasks.json --n 2 --html runs/rollout.html
@@ -35,9 +40,11 @@ Differences from the official code
       notes (interpreter reset after a timeout, figures dropped or downscaled) are appended to it in brackets.
     * A call that ends in `sys.exit()` counts as a successful call (the official runtime reports it as an error).
     * `num_tool_calls` counts observations appended to the trajectory (official `tool_call_cnt`).
-    * With vLLM, every prompt's length after vLLM expanded its images must equal ours, or the rollout stops: otherwise
-      the two image processors disagree on an image's size and training would score other pixels than were sampled
-      from (the official code does not check). vLLM's core runs in the trainer's process (weights handed over in memory).
+    * A trajectory whose prompt leaves no room in the engine's context (`max_model_len`, vLLM) ends as OVER_LENGTH
+      before generating, as the official loop ends an over-long one. A prompt vLLM refuses, or expands to another
+      length than ours (the two image processors would disagree on an image's size, and training would score other
+      pixels than were sampled from), ends that trajectory alone as ENGINE_ERROR (our end reason, not an official one)
+      with a logged message; OFR drops it. vLLM's core runs in the trainer's process (weights handed over in memory).
 """
 from __future__ import annotations
 
@@ -46,11 +53,14 @@ import hashlib
 import html
 import io
 import json
+import logging
+import math
 import os
 import re
-import threading
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Protocol, Sequence
@@ -60,6 +70,8 @@ from PIL import Image
 
 from data import Task
 from models import IMAGE_PLACEHOLDER, VLProcessor
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The protocol strings (method.md §2)
@@ -81,6 +93,7 @@ class EndReason:
     OVER_LENGTH = "OVER_LENGTH"
     EXCEED_MAX_TURNS = "EXCEED_MAX_TURNS"
     EXCEED_MAX_IMAGE_NUM = "EXCEED_MAX_IMAGE_NUM"   # official name: EXCEED_MAX_IMAGE_NUM_32
+    ENGINE_ERROR = "ENGINE_ERROR"   # ours: the engine refused this trajectory's prompt (Trajectory.error says why)
 
 
 # Our own wording of the two official templates (`vistool_with_img_info_v2`, `vis_tool_with_img_info_video_v4`): the same
@@ -212,6 +225,7 @@ class Turn:
     finish_reason: str              # "stop" (</code>), "eos", "length"
     code: str | None = None
     exec_status: str | None = None  # sandbox status, when code ran
+    tool_error: str | None = None   # the sandbox's error (traceback, timeout, ...), kept even when it ends the episode
     observation: str | None = None  # appended observation text (None when nothing was appended)
     images: list[Image.Image] = field(default_factory=list)   # figures returned in this turn
     generate_s: float = 0.0
@@ -234,6 +248,7 @@ class Trajectory:
     video_inputs: dict = field(default_factory=dict)   # full-context video mode: pixel_values_videos etc.
     turns: list[Turn] = field(default_factory=list)
     end_reason: str | None = None
+    error: str | None = None         # ENGINE_ERROR: what the engine said about this trajectory's prompt
     num_tool_calls: int = 0
     num_returned_images: int = 0
     vision_consistent: bool = True   # image placeholders in the ids match the images (set at the end of the rollout)
@@ -296,10 +311,14 @@ class GenRequest:
 @dataclass
 class GenResult:
     token_ids: list[int]
-    finish_reason: Literal["stop", "eos", "length"]
+    finish_reason: Literal["stop", "eos", "length", "error"]
+    error: str | None = None   # finish "error": why the engine refused this request (the batch's others went on)
 
 
 class Engine(Protocol):
+    """`generate` answers every request, in order. An engine with a context window says so in `max_model_len`
+    (prompt plus new tokens); the loop then ends a trajectory that has no room left as OVER_LENGTH."""
+
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]: ...
 
 
@@ -449,20 +468,59 @@ def vllm_prompt(traj: Trajectory, processor: VLProcessor) -> dict:
     return prompt
 
 
+@contextmanager
+def _deadline(seconds: float):
+    """Raise TimeoutError in the main thread once `seconds` have passed (a SIGALRM timer; setting it fails outside the
+    main thread). It interrupts Python code and sleeps; a call blocked inside C returns first (a hung NCCL collective
+    is ended by the process group's own timeout)."""
+    def expire(signum, frame):
+        raise TimeoutError
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class VLLMEngine:
-    """vLLM rollouts (GPU only; `pip install -e .[vllm]`). Colocated with the trainer: `sleep()` frees its KV cache
-    while the trainer updates, `sync_weights(weights)` loads the new weights in place after every update.
+    """vLLM rollouts (GPU only; `pip install -e .[vllm]`), colocated with the trainer in its process.
 
     Prompts go in as token ids plus PIL images. vLLM expands each image's single `<|image_pad|>` itself (as in the
     official code), so runs of pads in our expanded ids are collapsed to one before sending; the returned token ids are
-    appended to our own sequence unchanged (token-in, token-out). vLLM resizes the images with the checkpoint's own
-    image processor; if its expanded prompt is not exactly as long as ours, the two disagree on an image's size (the
-    policy would be trained on other pixels than it sampled from), and `generate` stops with an error saying so.
+    appended to our own sequence unchanged (token-in, token-out).
+
+    One image geometry: vLLM resizes every image within our processor's bounds (`mm_processor_kwargs` built from
+    `processor.geometry`), not the checkpoint's preprocessor_config.json, so both sides count the same tokens. A
+    prompt that still comes back with another length than ours (an image processor that resizes differently) ends
+    that trajectory as ENGINE_ERROR with both lengths in `Trajectory.error`: training never scores pixels other than
+    the policy sampled from (OFR drops the trajectory) and the run goes on, the log naming each one.
+
+    Requests vLLM refuses: it checks all of a batch's requests before running any, and one it rejects (a prompt as long
+    as its context `max_model_len`, multimodal input it cannot take) fails the whole `generate` with a ValueError. The
+    batch is then halved until each refused request stands alone; those end as ENGINE_ERROR with vLLM's message, the
+    others generate normally. Any other exception (out of memory, a dead engine) stops the run.
+
+    The weight cycle, once per RL step: `sleep()` discards the weights and the KV cache (level 2: nothing is copied to
+    host memory, as the next sync overwrites every weight); `sync_weights(weights)` wakes the engine in an order that
+    fits beside the trainer: PyTorch's cache emptied (vLLM maps its memory outside it, so blocks the update freed would
+    stay reserved), the weights woken, the new ones loaded, then the KV cache woken. The load runs in the calling
+    thread, so the trainer's FSDP2 all-gathers inside `weights` run on the rank's own device, and each tensor is cast
+    to vLLM's dtype as it arrives (one at a time: never a second copy of the model).
+
+    vLLM versions (0.26 and 0.33, the range in pyproject.toml, read in their source): the calls used here are the same
+    in both — `LLM(mm_processor_kwargs={"size": {"shortest_edge": .., "longest_edge": ..}})` (both read these Qwen2-VL
+    pixel bounds; transformers 5 deprecates the min_pixels/max_pixels spelling), `LLM.sleep(level=2)`,
+    `LLM.wake_up(tags=[..])`, `LLM.apply_model` (in the calling thread when the engine core runs in this process) and a
+    ValueError for a refused request. One behaviour differs: 0.33's wake_up empties PyTorch's cache itself, 0.26's
+    does not; `sync_weights` always does.
 
     The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as RL frameworks colocate it), so
     `sync_weights` hands the trainer's tensors to the model directly instead of pickling them to another process.
-    Checked on an H200 with vLLM 0.26 (bench/vllm_bench.py; README "Checked on a GPU"), in one process; the torchrun
-    path (external launcher, one engine per rank) follows vLLM's source and has not run on several GPUs yet.
+    Under torchrun each rank holds its own engine. Checked on an H200 with vLLM 0.26 (bench/vllm_bench.py; README
+    "Checked on a GPU"), in one process; bench/gpu_check.py checks this cycle under FSDP2, the image bounds and the
+    wake-up beside a trainer.
     """
 
     def __init__(self, processor: VLProcessor, model_path: str, temperature: float = 1.0, top_p: float = 1.0,
@@ -475,7 +533,7 @@ class VLLMEngine:
         except ImportError as e:
             raise ImportError("the vllm engine needs the GPU extra: pip install -e '.[vllm]'") from e
         self.processor, self.sync_timeout_s, self.sampling_params = processor, sync_timeout_s, SamplingParams
-        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.temperature, self.top_p, self.top_k, self.max_model_len = temperature, top_p, top_k, max_model_len
         # float32 checkpoints (the tiny ones) have no flash-attention kernels: auto means bfloat16 for them
         config = Path(model_path) / "config.json"
         if dtype == "auto" and config.is_file():
@@ -483,14 +541,17 @@ class VLLMEngine:
             if saved.get("dtype", saved.get("torch_dtype")) == "float32":
                 dtype = "bfloat16"
         # under torchrun every rank holds its own engine: vLLM's default executor would put each one on cuda:0, its
-        # external-launcher mode takes the rank and GPU from torchrun's environment and, at tensor-parallel size 1,
-        # lets the ranks generate independently (vLLM's "external DP", as verl runs it)
-        launcher = {"distributed_executor_backend": "external_launcher"} if torch.distributed.is_initialized() else {}
+        # external-launcher mode takes the rank and GPU from torchrun's environment (RANK, LOCAL_RANK) and, at
+        # tensor-parallel size 1, lets the ranks generate independently (vLLM's "external DP"). One process with a
+        # 1-rank group (train.py's FSDP2) has no such environment and keeps the default executor.
+        torchrun = torch.distributed.is_initialized() and "RANK" in os.environ
+        launcher = {"distributed_executor_backend": "external_launcher"} if torchrun else {}
+        bounds = {"shortest_edge": processor.geometry.min_pixels, "longest_edge": processor.geometry.max_pixels}
         # videos reach the model only as frames the code returns (images), so no video slot is profiled
         self.llm = LLM(model=str(model_path), dtype=dtype, enable_sleep_mode=True,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                       limit_mm_per_prompt={"image": max_images, "video": 0}, enforce_eager=enforce_eager, seed=seed,
-                       **launcher)
+                       limit_mm_per_prompt={"image": max_images, "video": 0}, mm_processor_kwargs={"size": bounds},
+                       enforce_eager=enforce_eager, seed=seed, **launcher)
 
     def sampling(self, max_tokens: int):
         return self.sampling_params(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -498,49 +559,48 @@ class VLLMEngine:
                                     skip_special_tokens=False, n=1)
 
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
-        outputs = self.llm.generate([vllm_prompt(r.trajectory, self.processor) for r in requests],
-                                    [self.sampling(r.max_new_tokens) for r in requests], use_tqdm=False)
-        results = []
-        for request, out in zip(requests, outputs):
-            ours, theirs = len(request.trajectory.input_ids), len(out.prompt_token_ids)
-            if ours != theirs:
-                raise RuntimeError(f"task {request.trajectory.task.id}: vLLM expanded the prompt to {theirs} tokens, "
-                                   f"our processor to {ours}: the two image processors disagree on an image's size "
-                                   "(check min_pixels/max_pixels against the checkpoint's preprocessor_config.json)")
-            completion = out.outputs[0]
-            ids = list(completion.token_ids)
-            if completion.finish_reason == "length":
-                results.append(GenResult(ids, "length"))
-            elif ids and ids[-1] == self.processor.eos_id:
-                results.append(GenResult(ids, "eos"))
-            else:
-                results.append(GenResult(cut_at_stop(ids, self.processor)[0], "stop"))
-        return results
+        try:
+            outputs = self.llm.generate([vllm_prompt(r.trajectory, self.processor) for r in requests],
+                                        [self.sampling(r.max_new_tokens) for r in requests], use_tqdm=False)
+        except ValueError as e:   # one refused request fails the batch before anything ran: isolate it by halving
+            if len(requests) == 1:
+                return [GenResult([], "error", f"vLLM refused the prompt: {e}")]
+            half = len(requests) // 2
+            return self.generate(requests[:half]) + self.generate(requests[half:])
+        return [self._result(request, out) for request, out in zip(requests, outputs, strict=True)]
+
+    def _result(self, request: GenRequest, out) -> GenResult:
+        ours, theirs = len(request.trajectory.input_ids), len(out.prompt_token_ids)
+        if ours != theirs:
+            return GenResult([], "error", f"vLLM expanded the prompt to {theirs} tokens, our processor to {ours}: the "
+                                          "two image processors disagree on an image's size")
+        completion = out.outputs[0]
+        ids = list(completion.token_ids)
+        if completion.finish_reason == "length":
+            return GenResult(ids, "length")
+        if ids and ids[-1] == self.processor.eos_id:
+            return GenResult(ids, "eos")
+        return GenResult(cut_at_stop(ids, self.processor)[0], "stop")
 
     def sleep(self) -> None:
-        self.llm.sleep(level=1)
-
-    def wake_up(self) -> None:
-        self.llm.wake_up()
+        self.llm.sleep(level=2)
 
     def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load the trainer's (name, full tensor) weights into vLLM; a failure or a timeout stops the run instead of
-        hanging it."""
-        result: dict = {}
-
-        def load():
-            try:
-                self.llm.apply_model(lambda model: model.load_weights(weights))
-                result["ok"] = True
-            except Exception as e:  # any failure here must surface, never leave rollouts on stale weights
-                result["error"] = e
-        worker = threading.Thread(target=load, daemon=True)
-        worker.start()
-        worker.join(self.sync_timeout_s)
-        if worker.is_alive():
-            raise RuntimeError(f"vLLM weight sync did not finish within {self.sync_timeout_s:.0f} s; stopping the run")
-        if "error" in result:
-            raise RuntimeError(f"vLLM weight sync failed: {result['error']!r}; stopping the run") from result["error"]
+        """Wake up with the trainer's (name, full tensor) weights, in the order of the class docstring. Call it from
+        the main thread (the timeout is a SIGALRM timer there); a failure or a timeout stops the run instead of hanging
+        it or leaving rollouts on discarded weights."""
+        dtype = self.llm.model_config.dtype
+        torch.cuda.empty_cache()
+        try:
+            with _deadline(self.sync_timeout_s):
+                self.llm.wake_up(tags=["weights"])
+                self.llm.apply_model(lambda model: model.load_weights((name, t.to(dtype)) for name, t in weights))
+                self.llm.wake_up(tags=["kv_cache"])
+        except TimeoutError as e:
+            raise RuntimeError(f"vLLM weight sync did not finish within {self.sync_timeout_s:.0f} s; "
+                               "stopping the run") from e
+        except Exception as e:  # any failure here must surface, never leave rollouts on discarded weights
+            raise RuntimeError(f"vLLM weight sync failed: {e!r}; stopping the run") from e
 
 
 def make_engine(name: str, model=None, processor: VLProcessor | None = None, **kwargs) -> Engine:
@@ -660,27 +720,40 @@ def score_trajectories(trajs: Sequence[Trajectory], processor: VLProcessor, tool
     """Fill reward, correct and reward_parts (reward.py) from each trajectory's decoded response."""
     import reward
     requests = [reward.ScoreRequest(t.task.answer, t.task.data_source, t.task.ability, t.response_text(processor),
-                                    t.num_tool_calls, t.task.question, t.task.choices) for t in trajs]
+                                    t.num_tool_calls, t.task.question, t.task.choices,
+                                    sample_id=f"{t.task.id}/{t.sample_index}") for t in trajs]
     for traj, parts in zip(trajs, reward.score_many(requests, tool_coef, judge, strict)):
         traj.reward_parts, traj.reward, traj.correct = parts, parts.total, parts.correct
 
 
 def _one_round(trajs, active, turn, engine, processor, cfg, sandboxes, sandbox_factory, pool, timings) -> list[int]:
-    # 1) generate one action for every active trajectory
-    budgets = {i: min(cfg.max_turn_tokens, cfg.max_response_tokens - trajs[i].response_len) for i in active}
+    # 1) generate one action for every active trajectory with room left in the engine's context (prompt plus new
+    #    tokens; vLLM refuses a prompt that fills it): one without room has run out of length like one over budget
+    context = getattr(engine, "max_model_len", math.inf)
+    for i in active:
+        if len(trajs[i].input_ids) >= context:
+            trajs[i].end_reason = EndReason.OVER_LENGTH
+    asking = [i for i in active if trajs[i].end_reason is None]
+    budgets = {i: min(cfg.max_turn_tokens, cfg.max_response_tokens - trajs[i].response_len,
+                      context - len(trajs[i].input_ids)) for i in asking}
     t0 = time.perf_counter()
-    results = engine.generate([GenRequest(trajs[i], max(1, budgets[i])) for i in active])
+    results = engine.generate([GenRequest(trajs[i], max(1, budgets[i])) for i in asking]) if asking else []
     timings.generate_s += time.perf_counter() - t0
-    gen_s = (time.perf_counter() - t0) / max(1, len(active))
+    gen_s = (time.perf_counter() - t0) / max(1, len(asking))
     to_run: list[tuple[int, str]] = []
-    for i, res in zip(active, results):
+    for i, res in zip(asking, results):
         traj = trajs[i]
+        if res.finish_reason == "error":   # the engine refused this trajectory alone: it ends, the batch goes on
+            traj.end_reason, traj.error = EndReason.ENGINE_ERROR, res.error
+            log.warning("task %s, sample %d ends as %s: %s", traj.task.id, traj.sample_index, traj.end_reason,
+                        res.error)
+            continue
         action = processor.decode(res.token_ids)
         _append(traj, res.token_ids, is_action=True)
         answer, code = parse_action(action)
         traj.turns.append(Turn(action, len(res.token_ids), res.finish_reason, code=code, generate_s=gen_s))
         # 2) end checks, in the official order (method.md §2.4)
-        if traj.response_len >= cfg.max_response_tokens:
+        if traj.response_len >= cfg.max_response_tokens or len(traj.input_ids) >= context:
             traj.end_reason = EndReason.OVER_LENGTH
         elif res.finish_reason == "length" or not res.token_ids:
             traj.end_reason = EndReason.ERROR_IN_ACTION
@@ -710,7 +783,7 @@ def _one_round(trajs, active, turn, engine, processor, cfg, sandboxes, sandbox_f
     timings.tool_s += time.perf_counter() - t0
     for (i, _), (result, tool_s) in zip(to_run, finished):
         traj, last = trajs[i], trajs[i].turns[-1]
-        last.exec_status, last.tool_s = result.status, tool_s
+        last.exec_status, last.tool_error, last.tool_s = result.status, result.error, tool_s
         # sandbox notes (state reset after a timeout, figures dropped or downscaled) are part of what the model sees
         notes = "".join(f"\n[{note}]" for note in result.notes)
         if result.status not in OK_STATUSES:
@@ -758,35 +831,137 @@ def _observe(traj: Trajectory, obs: str, images: list[Image.Image], processor: V
 # Viewer
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _img_tag(image: Image.Image, max_side: int = 320) -> str:
-    thumb = image.copy()
-    thumb.thumbnail((max_side, max_side))
+def _img_tag(image: Image.Image) -> str:
+    """The image at full size, shown as a thumbnail; a click toggles full size (a link to a data: URI would be
+    blocked by browsers as a top-level navigation)."""
     buf = io.BytesIO()
-    thumb.save(buf, format="PNG")
-    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    image.save(buf, format="PNG")
+    data = base64.b64encode(buf.getvalue()).decode()
+    return (f"<img class='thumb' title='{image.width}x{image.height} px, click for full size' "
+            f"onclick=\"this.classList.toggle('full')\" src='data:image/png;base64,{data}'>")
 
 
-def write_html(trajectories: Sequence[Trajectory], path: str | Path, title: str = "PyVision-RL trajectories") -> Path:
-    """A self-contained HTML page: per trajectory the question, input image, each turn's text, code, tool output and
-    figures, and the reward and end reason."""
+def _failed_call(turn: Turn) -> bool:
+    return turn.exec_status is not None and turn.exec_status not in OK_STATUSES
+
+
+def _end_detail(t: Trajectory) -> str:
+    """Why the trajectory ended, in words, from what the loop recorded (see `_one_round` for the order of checks)."""
+    last = t.turns[-1] if t.turns else None
+    if t.end_reason == EndReason.ENGINE_ERROR:
+        return t.error or "the engine refused the prompt"
+    if t.end_reason == EndReason.ERROR_IN_ACTION and last is not None:
+        if _failed_call(last):
+            error_lines = (last.tool_error or "").strip().splitlines()
+            last_line = f": {error_lines[-1]}" if error_lines else ""   # a traceback ends with the exception
+            return f"the sandbox call ended with status {last.exec_status}{last_line}"
+        if last.finish_reason == "length":
+            return f"the turn used its whole token budget ({last.action_tokens} tokens) without </code> or an answer"
+        if last.action_tokens == 0:
+            return "the engine produced no tokens"
+        return "the action held neither code nor an answer"
+    if t.end_reason == EndReason.OVER_LENGTH:
+        return f"{t.response_len} response tokens: the next action or observation did not fit the length budget"
+    if t.end_reason == EndReason.EXCEED_MAX_TURNS:
+        return f"{len(t.turns)} turns without an answer (the last code was not run)"
+    if t.end_reason == EndReason.EXCEED_MAX_IMAGE_NUM:
+        return f"{len(t.image_grid_thw)} images in context"
+    parts = t.reward_parts
+    if parts is None:
+        return "answered (not scored)"
+    if parts.masked:
+        return "answered, but the judge gave no verdict: reward masked"
+    return f"answered {parts.answer!r}" if parts.wellformed else "no well-formed answer (format gate)"
+
+
+def _counts(values) -> dict:
+    counts: dict = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: str(kv[0])))
+
+
+def _counts_text(values) -> str:
+    return ", ".join(f"{html.escape(str(value))}: {count}" for value, count in _counts(values).items()) or "none"
+
+
+def _summary(trajectories: Sequence[Trajectory], anchors: list[str], kept: set | None) -> list[str]:
+    """Accuracy, end reasons (each with links to its samples), tool calls and failed calls, OFR's verdicts."""
+    n = len(trajectories)
+    masked = sum(bool(getattr(t.reward_parts, "masked", False)) for t in trajectories)
+    correct = sum(t.correct for t in trajectories)
+    scored = n - masked
+    lines = [f"<p class='summary'>{n} trajectories · accuracy: {correct}/{scored} "
+             f"({100 * correct / scored if scored else math.nan:.1f}%)"
+             + (f" · masked: {masked}" if masked else "")
+             + f" · tool calls: {sum(t.num_tool_calls for t in trajectories)} "
+               f"(trajectories by calls made: {_counts_text(t.num_tool_calls for t in trajectories)})"
+             + " · failed calls by status: "
+             + _counts_text(turn.exec_status for t in trajectories for turn in t.turns if _failed_call(turn))
+             + (f" · OFR kept {sum((t.group_id, t.sample_index) in kept for t in trajectories)}/{n}"
+                if kept is not None else "") + "</p>",
+             "<table><tr><th>end reason</th><th>count</th><th>samples</th></tr>"]
+    for reason, count in _counts(t.end_reason for t in trajectories).items():
+        links = " ".join(f"<a href='#{a}'>{html.escape(t.task.id)}/{t.sample_index}</a>"
+                         for t, a in zip(trajectories, anchors) if t.end_reason == reason)
+        lines.append(f"<tr><td>{reason}</td><td>{count}</td><td>{links}</td></tr>")
+    lines.append("</table>")
+    return lines
+
+
+def _card(t: Trajectory, anchor: str, advantages: dict | None, kept: set | None) -> list[str]:
+    """One trajectory: its reward, advantage and OFR verdict, why it ended, then every turn."""
+    key = (t.group_id, t.sample_index)
+    advantage = f" · advantage: {advantages[key]:+.3f}" if advantages is not None and key in advantages else ""
+    verdict = "" if kept is None else (" · <b class='kept'>OFR: kept</b>" if key in kept
+                                       else " · <b class='dropped'>OFR: dropped</b>")
+    parts = [f"<div class='traj'><h4 id='{anchor}'>sample {t.sample_index} · {'✓' if t.correct else '✗'} · "
+             f"reward {t.reward:.2f}{advantage}{verdict}</h4>"
+             f"<p class='meta'>end: {t.end_reason} — {html.escape(_end_detail(t))} · "
+             f"tool calls: {t.num_tool_calls}</p>"]
+    for k, turn in enumerate(t.turns):
+        tool = f", tool {turn.exec_status} in {turn.tool_s:.2f}s" if turn.exec_status is not None else ""
+        parts.append(f"<h5>turn {k + 1} <span class='meta'>({turn.action_tokens} tokens, {turn.finish_reason}, "
+                     f"gen {turn.generate_s:.2f}s{tool})</span></h5><pre>{html.escape(turn.action)}</pre>")
+        # an error that ended the episode never reached an observation: show it on its own
+        if turn.tool_error and (turn.observation is None or turn.tool_error not in turn.observation):
+            parts.append(f"<pre class='err'>sandbox {turn.exec_status}:\n{html.escape(turn.tool_error)}</pre>")
+        if turn.observation is not None:
+            parts.append(f"<pre class='obs'>{html.escape(turn.observation)}</pre>")
+            parts += [_img_tag(im) for im in turn.images]
+    parts.append("</div>")
+    return parts
+
+
+def write_html(trajectories: Sequence[Trajectory], path: str | Path, title: str = "PyVision-RL trajectories",
+               advantages: dict[tuple[int, int], float] | None = None,
+               kept: set[tuple[int, int]] | None = None) -> Path:
+    """A self-contained HTML page: a summary (accuracy, end reasons, tool calls, failed calls) linking to every sample,
+    then each GRPO group side by side — the question, reference answer and input image once, and per sample its
+    reward, advantage and OFR verdict (when `advantages` / `kept` are given, keyed by (group_id, sample_index)), why it
+    ended (sandbox errors included), each turn's text, code, tool output and figures. Images are embedded at full
+    size and shown as thumbnails that a click enlarges."""
+    anchors = [f"t{k}" for k in range(len(trajectories))]
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-             "body{font-family:sans-serif;max-width:1100px;margin:auto}pre{background:#f4f4f4;padding:6px;"
-             "white-space:pre-wrap}.traj{border:1px solid #ccc;margin:12px 0;padding:8px}.obs{background:#eef6ff}"
-             ".meta{color:#555}img{margin:4px;border:1px solid #999}</style>", f"<h1>{html.escape(title)}</h1>"]
-    for t in trajectories:
-        parts.append(f"<div class='traj'><h3>{html.escape(t.task.id)} · group {t.group_id} · sample {t.sample_index}</h3>"
-                     f"<p class='meta'>end: {t.end_reason} · tool calls: {t.num_tool_calls} · reward: {t.reward:.2f} · "
-                     f"correct: {t.correct} · reference answer: {html.escape(str(t.task.answer))}</p>"
-                     f"<p>{html.escape(t.task.question)}</p>")
-        if t.mode == "image" and t.images:
-            parts.append(_img_tag(t.images[0]))
-        for k, turn in enumerate(t.turns):
-            parts.append(f"<h4>turn {k + 1} <span class='meta'>({turn.action_tokens} tokens, {turn.finish_reason}, "
-                         f"gen {turn.generate_s:.2f}s, tool {turn.tool_s:.2f}s)</span></h4>"
-                         f"<pre>{html.escape(turn.action)}</pre>")
-            if turn.observation is not None:
-                parts.append(f"<pre class='obs'>{html.escape(turn.observation)}</pre>")
-                parts += [_img_tag(im) for im in turn.images]
+             "body{font-family:sans-serif;margin:0 16px}pre{background:#f4f4f4;padding:6px;white-space:pre-wrap}"
+             ".group{display:flex;gap:8px;overflow-x:auto;align-items:flex-start}.traj{flex:0 0 440px;border:1px solid "
+             "#ccc;padding:8px}.obs{background:#eef6ff}.err{background:#fde8e8}.meta{color:#555}.kept{color:#070}"
+             ".dropped{color:#a00}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+             ".thumb{margin:4px;border:1px solid #999;max-width:300px;max-height:300px;cursor:zoom-in}"
+             ".thumb.full{max-width:none;max-height:none;cursor:zoom-out}</style>", f"<h1>{html.escape(title)}</h1>"]
+    parts += _summary(trajectories, anchors, kept)
+    groups: dict[tuple[int, str], list[int]] = {}   # the task too: pages may mix rollouts that reuse group ids
+    for k, t in enumerate(trajectories):
+        groups.setdefault((t.group_id, t.task.id), []).append(k)
+    for (group_id, task_id), members in groups.items():
+        first = trajectories[members[0]]
+        parts.append(f"<h3>{html.escape(task_id)} · group {group_id}</h3><p>{html.escape(first.task.question)}</p>"
+                     f"<p class='meta'>reference answer: {html.escape(str(first.task.answer))}</p>")
+        if first.mode == "image" and first.images:
+            parts.append(_img_tag(first.images[0]))
+        parts.append("<div class='group'>")
+        for k in sorted(members, key=lambda k: trajectories[k].sample_index):
+            parts += _card(trajectories[k], anchors[k], advantages, kept)
         parts.append("</div>")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

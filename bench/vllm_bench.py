@@ -5,8 +5,8 @@ train.py, eval.py). Needs a CUDA GPU and `pip install -e .[vllm]`; CI has neithe
         accuracy, how many trajectories come out token for token the same, trajectories/s, generated tokens/s and the
         vLLM/HF ratio.
   sync: the colocated weight path, in its own process (vLLM's sleep-mode allocator serves one engine per process):
-        a vLLM engine started from other weights (INIT) is put to sleep, woken, and given the trained checkpoint's
-        weights with `sync_weights`; it must then roll out what the HF engine on the trained weights rolls out.
+        a vLLM engine started from other weights (INIT) is put to sleep and woken up by `sync_weights` with the trained
+        checkpoint's weights; it must then roll out what the HF engine on the trained weights rolls out.
   decode: decode throughput of the Qwen2.5-VL-7B architecture with random weights (vLLM's dummy loader; HF's random
         init), PROMPTS image prompts x NEW_TOKENS new tokens, vLLM vs HF `generate` — what a rollout costs at the
         paper's scale, without downloading a checkpoint.
@@ -100,16 +100,15 @@ def loop_part(args) -> dict:
 
 def sync_part(args) -> dict:
     """The colocated weight path, in a process of its own (vLLM's sleep-mode allocator serves one engine per
-    process): start from other weights, sleep, wake, sync the trained ones; the HF engine on the trained weights
+    process): start from other weights, sleep, wake up with the trained ones; the HF engine on the trained weights
     is the reference."""
     tasks, model, processor, hf = hf_reference(args)
     engine = rollout.make_engine("vllm", processor=processor, model_path=args.init_model, temperature=0.0,
                                  gpu_memory_utilization=0.3, enforce_eager=args.eager)
     before = run_loop("vllm, INIT weights", engine, tasks, processor, args.n)
     engine.sleep()
-    engine.wake_up()
     t0 = time.perf_counter()
-    engine.sync_weights((k, v.detach()) for k, v in model.state_dict().items())
+    engine.sync_weights((k, v.detach()) for k, v in model.state_dict().items())   # wakes it up
     sync_s = time.perf_counter() - t0
     after = run_loop("vllm, synced weights", engine, tasks, processor, args.n)
     same = identical(hf, after)
@@ -125,13 +124,20 @@ def decode_part(args) -> dict:
         return _decode(args, processor, Path(tmp_name))
 
 
-def _decode(args, processor, tmp: Path) -> dict:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from vllm import LLM, SamplingParams
-    config = json.loads((Path(args.tokenizer_from) / "config.json").read_text())
+def qwen25_vl_7b_config(tokenizer_from: str | Path) -> dict:
+    """Qwen2.5-VL-7B's config.json, with the special-token ids of the checkpoint at `tokenizer_from` (whose tokenizer
+    the prompts use), in bfloat16."""
+    config = json.loads((Path(tokenizer_from) / "config.json").read_text())
     config["text_config"].update(QWEN25_VL_7B_TEXT)
     config["vision_config"].update(QWEN25_VL_7B_VISION)
     config.update(tie_word_embeddings=False, dtype="bfloat16")
+    return config
+
+
+def _decode(args, processor, tmp: Path) -> dict:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from vllm import LLM, SamplingParams
+    config = qwen25_vl_7b_config(args.tokenizer_from)
     (tmp / "config.json").write_text(json.dumps(config))
     for f in Path(args.tokenizer_from).iterdir():
         if f.name not in ("config.json", "model.safetensors"):

@@ -230,6 +230,51 @@ def test_html_viewer(tiny_policy, image_tasks_dir, pool, tmp_path):
     assert page.count("class='traj'") == 2 and "data:image/png;base64," in page and "Text Result:" in page
 
 
+class PerSampleEngine:
+    """Sample k of every group writes scripts[k] (a ReplayEngine each), so one group holds different outcomes."""
+
+    def __init__(self, processor, scripts):
+        self.engines = [ReplayEngine(processor, turns) for turns in scripts]
+
+    def generate(self, requests):
+        return [self.engines[r.trajectory.sample_index].generate([r])[0] for r in requests]
+
+
+def test_html_viewer_shows_why_each_sample_ended_and_each_group_side_by_side(tiny_policy, image_tasks_dir, pool,
+                                                                             tmp_path):
+    import base64
+    import html
+    import io
+    import re
+    from PIL import Image
+    _, p = tiny_policy
+    task = data.load_tasks(image_tasks_dir / "tasks.json")[0][0]
+    scripts = [[CODE.format("print(undefined_name)")],                       # ends ERROR_IN_ACTION (terminate)
+               [CODE.format("print(1)"), ANSWER.format(task.answer)],      # right, one tool call
+               [ANSWER.format("not the answer")]]                           # wrong, no tool call
+    trajs = rollout.rollout([task], PerSampleEngine(p, scripts), p, pool.open, RolloutConfig(), n=3)
+    rollout.score_trajectories(trajs, p)
+    assert [t.end_reason for t in trajs] == [EndReason.ERROR_IN_ACTION, EndReason.DONE, EndReason.DONE]
+    g = trajs[0].group_id
+    page = rollout.write_html(trajs, tmp_path / "view.html", advantages={(g, 0): -0.367, (g, 1): 0.733, (g, 2): -0.367},
+                              kept={(g, 0), (g, 1)}).read_text()
+    text = html.unescape(page)
+    # the sandbox error that ended sample 0 is on the page, in its turn and as the end reason's detail
+    assert text.count("NameError: name 'undefined_name' is not defined") == 2
+    assert "the sandbox call ended with status error: NameError" in text
+    # the summary counts, with a link to every sample
+    assert "3 trajectories · accuracy: 1/3 (33.3%)" in text
+    assert "tool calls: 1 (trajectories by calls made: 0: 2, 1: 1)" in text and "failed calls by status: error: 1" in text
+    assert "<tr><td>DONE</td><td>2</td>" in page and "<tr><td>ERROR_IN_ACTION</td><td>1</td>" in page
+    assert all(f"href='#t{k}'" in page and f"id='t{k}'" in page for k in range(3))
+    # one group, side by side, with advantages and OFR's verdicts
+    assert page.count("<div class='group'>") == 1 and page.count("<div class='traj'") == 3
+    assert page.count("OFR: kept") == 2 and page.count("OFR: dropped") == 1 and "advantage: +0.733" in page
+    # images are embedded at full size (a click on the thumbnail shows them so)
+    first = re.search(r"src='data:image/png;base64,([^']+)'", page).group(1)
+    assert Image.open(io.BytesIO(base64.b64decode(first))).size == trajs[0].images[0].size
+
+
 def test_full_context_video_puts_frames_in_the_prompt(tiny_policy, video_tasks_dir, pool):
     model, p = tiny_policy
     task = data.load_tasks(video_tasks_dir / "tasks.json")[0][0]
@@ -266,74 +311,3 @@ def test_sampled_video_pad_marks_the_trajectory_inconsistent(tiny_policy, image_
     clean = run([task], ReplayEngine(p, [ANSWER.format("A")]), p, pool)[0]
     assert clean.vision_consistent
 
-
-class _VLLMOutputs:
-    """vLLM's `LLM.generate` as VLLMEngine reads it: per prompt, the prompt ids after vLLM expanded the images (here
-    `expanded_len` of them) and one completion."""
-
-    def __init__(self, completion_ids, expanded_len):
-        self.completion_ids, self.expanded_len = completion_ids, expanded_len
-
-    def generate(self, prompts, params, use_tqdm=False):
-        from types import SimpleNamespace as NS
-        return [NS(prompt_token_ids=[0] * self.expanded_len,
-                   outputs=[NS(token_ids=self.completion_ids, finish_reason="stop")]) for _ in prompts]
-
-
-def _stand_in_vllm_engine(processor, llm):
-    engine = object.__new__(rollout.VLLMEngine)
-    engine.processor, engine.llm = processor, llm
-    engine.sampling_params = lambda **kw: kw
-    engine.temperature, engine.top_p, engine.top_k = 0.0, 1.0, -1
-    return engine
-
-
-def test_vllm_prompt_collapses_image_pads_and_checks_the_expanded_length(tiny_policy, image_tasks_dir):
-    _, p = tiny_policy
-    task = data.load_tasks(image_tasks_dir / "tasks.json")[0][0]
-    traj = rollout.start_trajectory(task, 0, 0, p, RolloutConfig())
-    pads = traj.input_ids.count(p.image_pad_id)
-    assert pads > 1
-    prompt = rollout.vllm_prompt(traj, p)
-    assert prompt["prompt_token_ids"].count(p.image_pad_id) == len(traj.images) == 1
-    assert len(prompt["prompt_token_ids"]) == len(traj.input_ids) - pads + 1
-    assert prompt["multi_modal_data"]["image"] == list(traj.images)
-
-    code = p.encode_text(CODE.format("print(1)"))
-    request = rollout.GenRequest(traj, 64)
-    result = _stand_in_vllm_engine(p, _VLLMOutputs(code, len(traj.input_ids))).generate([request])[0]
-    assert (result.token_ids, result.finish_reason) == (code, "stop")
-    # one token more on vLLM's side: its image processor saw another size than ours, so training would not see
-    # the pixels the policy sampled from
-    with pytest.raises(RuntimeError, match=f"task {task.id}: vLLM expanded the prompt to .* image processors disagree"):
-        _stand_in_vllm_engine(p, _VLLMOutputs(code, len(traj.input_ids) + 1)).generate([request])
-
-
-def test_vllm_engine_settings(tiny_dir, tiny_policy, monkeypatch, tmp_path):
-    """What VLLMEngine asks of vLLM's `LLM` (a stand-in module records it; vLLM itself needs a GPU): its core in this
-    process, sleep mode, bfloat16 for a float32 checkpoint, no video slot, and under torch.distributed one engine per
-    rank through the external launcher."""
-    import os
-    import sys
-    import types
-    import torch.distributed as dist
-    _, p = tiny_policy
-    made = []
-    fake = types.ModuleType("vllm")
-    fake.LLM = lambda **kwargs: made.append(kwargs) or object()
-    fake.SamplingParams = dict
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-    rollout.VLLMEngine(p, str(tiny_dir))
-    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-    assert made[0]["enable_sleep_mode"] and made[0]["dtype"] == "bfloat16"
-    assert made[0]["limit_mm_per_prompt"] == {"image": 32, "video": 0}
-    assert "distributed_executor_backend" not in made[0]
-    rollout.VLLMEngine(p, str(tiny_dir), dtype="float16")
-    assert made[1]["dtype"] == "float16"
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        rollout.VLLMEngine(p, str(tiny_dir))
-    finally:
-        dist.destroy_process_group()
-    assert made[2]["distributed_executor_backend"] == "external_launcher"

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+import ofr
 import rollout
 from rollout import EndReason, parse_action
 
@@ -85,6 +86,7 @@ def test_cut_at_stop_keeps_stop_and_nothing_after(tiny_policy):
 
 
 def test_end_reason_names():
-    assert {EndReason.DONE, EndReason.ERROR_IN_ACTION, EndReason.OVER_LENGTH, EndReason.EXCEED_MAX_TURNS,
-            EndReason.EXCEED_MAX_IMAGE_NUM} == {"DONE", "ERROR_IN_ACTION", "OVER_LENGTH", "EXCEED_MAX_TURNS",
-                                                "EXCEED_MAX_IMAGE_NUM"}
+    # the official names plus our ENGINE_ERROR, each known to OFR (which refuses an unknown end reason)
+    names = {value for key, value in vars(EndReason).items() if not key.startswith("_")}
+    assert names == {"DONE", "ERROR_IN_ACTION", "OVER_LENGTH", "EXCEED_MAX_TURNS", "EXCEED_MAX_IMAGE_NUM",
+                     "ENGINE_ERROR"} == ofr.END_REASONS
