@@ -13,7 +13,8 @@ What this file is
       normalised string match.
     * `Judge`: LLM-as-judge over any OpenAI-compatible `/v1/chat/completions` endpoint (e.g. a vLLM server), with the
       official prompt layout `[Question]: … [Standard Answer]: … [Model_answer] : … Judgement:`, temperature 0.3,
-      timeout, retries with exponential backoff and a bounded thread pool.
+      a bounded thread pool, and one wall-clock budget per batch (`batch_budget_s`) within which only the failed
+      samples are retried, with exponential backoff and one logged warning per retry naming them.
     * `score` / `score_many`: a `RewardParts` record with every component (acc, tool bonus, total) kept separate.
       correct ⇔ acc ≥ 0.5 (for 0/1 verifiers that is acc = 1; for MRA it is the official `is_answer_right`), and
       total = acc + tool_coef · n_tool_calls when correct, else acc. tool_coef = 0.1 is the paper; 0 is its ablation (§10.1).
@@ -44,9 +45,11 @@ Differences from the official code (multi_task_verifier.py, rule_match_verify.py
     5. An unknown data_source is an error; the official code falls back to the judge with a warning, and several of its
        routed sources (vl_agent, chart, zebra_cot, vigorl, math_8k_verified, barc) crash in `get_prompt`.
     6. Judge: an unparseable verdict is retried, then handled by `on_failure` (official: silently 0). HTTP errors are
-       retried with backoff (official: the exception kills the step). No random `seed` is sent (official: a random seed
-       per call, which at T=0.3 is the same stochastic judge). The instructions and few-shot examples are our own words
-       with the official layout and meaning (the official "Judement" typo is not kept).
+       retried with backoff (official: the exception kills the step), within one wall-clock budget per batch, so a
+       judge that never answers costs `batch_budget_s` per batch, not timeout × attempts per sample. No random `seed`
+       is sent (official: a random seed per call, which at T=0.3 is the same stochastic judge). The instructions and
+       few-shot examples are our own words with the official layout and meaning (the official "Judement" typo is not
+       kept).
     7. Multiple-choice, numeric and string rule verifiers are ours (the official code judges those with the LLM).
 """
 from __future__ import annotations
@@ -396,11 +399,13 @@ def parse_judgement(reply: str) -> float | None:
 
 @dataclass(frozen=True)
 class JudgeItem:
-    """One question to judge. `data_source` picks the few-shot family."""
+    """One question to judge. `data_source` picks the few-shot family; `sample_id` names the sample in the retry and
+    masking logs (e.g. "task-7/3"; empty: its place in the batch)."""
     question: str
     standard_answer: str
     model_answer: str
     data_source: str
+    sample_id: str = ""
 
 
 class JudgeError(RuntimeError):
@@ -416,9 +421,14 @@ class Judge:
     """Client for an OpenAI-compatible chat-completions server, e.g. `vllm serve Qwen/Qwen2.5-72B-Instruct
     --served-model-name judge`. `base_url` includes the API prefix, e.g. 'http://127.0.0.1:8000/v1'.
 
-    Each item gets 1 + max_retries attempts, sleeping backoff_s · 2^k between them. After that, on_failure="raise"
-    raises `JudgeError`; "mask" returns None for the item (score() turns it into a masked sample). A 4xx other than
-    408/429 (wrong URL or model name) always raises: retrying or masking would hide a configuration error.
+    A batch (`judge_many`) is judged in rounds: every sample without a verdict gets one request (at most
+    max_concurrency in flight); after a round with failures the failed samples alone are retried, sleeping
+    backoff_s · 2^k first and logging one warning that names them. Samples that have a verdict are never sent again.
+    The whole batch, retries included, gets `batch_budget_s` of wall-clock time: each request's timeout is cut to what
+    is left, and a sample still without a verdict after 1 + max_retries rounds or when the budget is spent is
+    handled by on_failure: "raise" raises `JudgeError` naming the samples, "mask" returns None for each of them
+    (score() turns those into masked samples). A 4xx other than 408/429 (wrong URL or model name) always raises:
+    retrying or masking would hide a configuration error.
     """
     base_url: str
     model: str = "judge"
@@ -428,6 +438,9 @@ class Judge:
     backoff_s: float = 1.0
     max_concurrency: int = 8
     max_tokens: int = 32
+    # A judge that never answers costs at most this per batch; a healthy judge at max_concurrency 8 and ~1 s per
+    # verdict finishes a 256-trajectory step in about half a minute.
+    batch_budget_s: float = 600.0
     on_failure: Literal["raise", "mask"] = "raise"
     api_key: str | None = None
 
@@ -436,7 +449,7 @@ class Judge:
             raise ValueError(f"Judge.base_url must start with http:// or https://, got {self.base_url!r}")
         if self.on_failure not in ("raise", "mask"):
             raise ValueError(f"Judge.on_failure must be 'raise' or 'mask', got {self.on_failure!r}")
-        for name in ("timeout_s", "max_concurrency", "max_tokens"):
+        for name in ("timeout_s", "max_concurrency", "max_tokens", "batch_budget_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Judge.{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_retries", "backoff_s", "temperature"):
@@ -451,14 +464,14 @@ class Judge:
         return {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
                 "messages": [{"role": "system", "content": JUDGE_SYSTEM_PROMPT}, {"role": "user", "content": prompt}]}
 
-    def _post(self, body: dict) -> str:
+    def _post(self, body: dict, timeout_s: float) -> str:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(f"{self.base_url.rstrip('/')}/chat/completions",
                                          data=json.dumps(body).encode(), headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 payload = json.loads(response.read())
             content = payload["choices"][0]["message"]["content"]
             if not isinstance(content, str):
@@ -474,46 +487,75 @@ class Judge:
         except (ValueError, KeyError, IndexError, TypeError) as error:   # not JSON / not a chat completion
             raise _TransientJudgeError(f"malformed reply ({type(error).__name__}: {error})") from error
 
+    def _attempt(self, body: dict, deadline: float) -> float | str:
+        """One request within the batch's deadline: the verdict, or why there is none (a failure worth retrying)."""
+        left_s = deadline - time.monotonic()
+        if left_s <= 0:
+            return f"the batch budget of {self.batch_budget_s:g} s was spent"
+        try:
+            reply = self._post(body, min(self.timeout_s, left_s))
+        except _TransientJudgeError as error:
+            return str(error)
+        verdict = parse_judgement(reply)
+        return verdict if verdict is not None else f"unparseable verdict {reply[:200]!r}"
+
     def judge(self, item: JudgeItem) -> float | None:
         """1.0 (answers agree) or 0.0 (they differ); None when it failed and on_failure="mask"."""
-        body = self.request_body(item)
-        problem = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                reply = self._post(body)
-            except _TransientJudgeError as error:
-                problem = str(error)
-                continue
-            verdict = parse_judgement(reply)
-            if verdict is not None:
-                return verdict
-            problem = f"unparseable verdict {reply[:200]!r}"
-        message = (f"judge gave no verdict after {self.max_retries + 1} attempts for data_source={item.data_source!r}, "
-                   f"question={item.question[:80]!r}: {problem}")
-        if self.on_failure == "raise":
-            raise JudgeError(message)
-        log.warning("%s — sample masked", message)
-        return None
+        return self.judge_many([item])[0]
 
     def judge_many(self, items: Sequence[JudgeItem]) -> list[float | None]:
-        """Verdicts in input order, at most max_concurrency requests in flight. Under "raise" the first failure
-        cancels the items not yet started and is re-raised."""
+        """Verdicts in input order (None: masked), within one wall-clock budget for the whole batch (see the class)."""
         if not items:
             return []
+        bodies = [self.request_body(item) for item in items]   # an unroutable item fails before any request
+        names = [item.sample_id or f"item {k}" for k, item in enumerate(items)]
+        deadline = time.monotonic() + self.batch_budget_s
+        verdicts: list[float | None] = [None] * len(items)
+        problems: dict[int, str] = {}
+        pending = list(range(len(items)))
+        rounds = 0
         pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items)), thread_name_prefix="judge")
         try:
-            return list(pool.map(self.judge, items))
-        finally:
+            while pending:
+                rounds += 1
+                for k, outcome in zip(pending, pool.map(lambda k: self._attempt(bodies[k], deadline), pending)):
+                    if isinstance(outcome, float):
+                        verdicts[k] = outcome
+                    else:
+                        problems[k] = outcome
+                pending = [k for k in pending if verdicts[k] is None]
+                delay_s = self.backoff_s * 2 ** (rounds - 1)
+                if not pending or rounds > self.max_retries or time.monotonic() + delay_s >= deadline:
+                    break
+                log.warning("judge: retry %d/%d in %g s for %d sample(s) %s (last failure: %s)", rounds,
+                            self.max_retries, delay_s, len(pending), _name_list(names[k] for k in pending),
+                            problems[pending[0]])
+                time.sleep(delay_s)
+        finally:   # a configuration error (JudgeError) cancels the requests not yet sent
             pool.shutdown(wait=True, cancel_futures=True)
+        if pending:
+            failures = _name_list(f"{names[k]}: {problems[k]}" for k in pending)
+            message = (f"judge gave no verdict after {rounds} attempts (budget {self.batch_budget_s:g} s) for "
+                       f"{len(pending)} of {len(items)} samples: {failures}")
+            if self.on_failure == "raise":
+                raise JudgeError(message)
+            log.warning("%s; masking %d sample(s)", message, len(pending))
+        return verdicts
+
+
+def _name_list(names: Iterable[str], shown: int = 20) -> str:
+    """'[a, b, c]', or the first `shown` and a count of the rest: a log line stays readable for a 1000-sample batch."""
+    names = list(names)
+    rest = f", … {len(names) - shown} more" if len(names) > shown else ""
+    return f"[{', '.join(names[:shown])}{rest}]"
 
 
 # ---------------------------------------------------------------- the reward (method.md §4.2)
 @dataclass(frozen=True)
 class ScoreRequest:
     """One trajectory to score. `options` are the multiple-choice texts (a list lettered A, B, … or a letter → text
-    mapping); `rel_tol` is the numeric verifier's relative tolerance."""
+    mapping); `rel_tol` is the numeric verifier's relative tolerance; `sample_id` names it in the judge's logs
+    (empty: "request <its index>")."""
     task_answer: str
     data_source: str
     ability: str | None
@@ -522,9 +564,10 @@ class ScoreRequest:
     question: str = ""
     options: Mapping[str, str] | Sequence[str] | None = None
     rel_tol: float = NUMERIC_REL_TOL
+    sample_id: str = ""
 
     def __post_init__(self):
-        for name in ("task_answer", "data_source", "response_text", "question"):
+        for name in ("task_answer", "data_source", "response_text", "question", "sample_id"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"ScoreRequest.{name} must be a str, got {type(getattr(self, name)).__name__} "
                                 f"{getattr(self, name)!r}")
@@ -587,8 +630,8 @@ def score_many(requests: Sequence[ScoreRequest], tool_coef: float = DEFAULT_TOOL
             raise ValueError(f"request {i} (data_source={request.data_source!r}, ability={request.ability!r}): "
                              f"{error}") from error
     if judged:
-        items = [JudgeItem(requests[i].question, requests[i].task_answer, answers[i], requests[i].data_source)
-                 for i in judged]
+        items = [JudgeItem(requests[i].question, requests[i].task_answer, answers[i], requests[i].data_source,
+                           requests[i].sample_id or f"request {i}") for i in judged]
         for i, verdict in zip(judged, judge.judge_many(items)):
             accs[i] = verdict
 

@@ -26,7 +26,8 @@ How it runs (one template process per pool, one process tree per trajectory)
       with `state_reset=True`. A crash (segfault, os._exit, kill) is reported the same way with status "crashed".
     * Statuses: ok | error (exception; `error` holds the traceback trimmed to the user's cells) | exit (SystemExit,
       state kept) | oom (MemoryError, state kept) | cpu_limit (per-call CPU seconds, state kept) | timeout | crashed
-      (both: state reset) | sandbox_error (infrastructure failure; mask the sample rather than penalise it).
+      | disk_limit (the directory held more than `disk_mb` after the call; its files are removed) (the last three:
+      state reset) | sandbox_error (infrastructure failure; mask the sample rather than penalise it).
     * Output: stdout/stderr keep a head and a tail of `max_output_chars` in the child and count what was dropped, so a
       print loop costs neither side memory. Output written to the file descriptors directly (C code, subprocesses)
       goes to a file in the worker's directory and is folded in, head and tail, after the call.
@@ -42,25 +43,35 @@ What is isolated ("namespaces" mode: Linux user, PID, mount, network and IPC nam
     * Network: none. The template's network namespace has only a loopback device, which is down. (Workers of one pool
       share it, so two workers could talk over an abstract unix socket; they cannot reach anything else.)
     * Filesystem: every mount is read-only except the worker's private directory (cwd, HOME and TMPDIR), which is
-      removed on close. /dev holds only null, zero, full, random and urandom (no GPUs, no /dev/shm).
+      removed on close. The pool directory is covered, in each worker's own mount namespace, by an empty tmpfs that
+      holds only that worker's directory: other trajectories' files can be neither listed nor opened. /dev holds only
+      null, zero, full, random and urandom (no GPUs, no /dev/shm).
     * Privileges: the worker drops every capability, bounding set included, so it cannot undo the read-only view, mount,
       or raise a limit again. When the trainer runs as root (the usual GPU container) each worker also runs under its
       own unprivileged uid, so RLIMIT_NPROC (`max_procs`) stops fork bombs and it cannot write files it does not own.
       That worker keeps CAP_DAC_READ_SEARCH alone so the Python installation stays importable (e.g. /root/.pyenv): it
-      can READ any file root can read in the host filesystem, except files of unmapped (non-root) owners.
+      can READ any file root can read in the host filesystem, except files of unmapped (non-root) owners and the
+      other workers' directories (hidden, see above).
     * Limits: RLIMIT_AS (`memory_mb`), RLIMIT_FSIZE (`file_mb`), RLIMIT_NOFILE, RLIMIT_CORE=0, RLIMIT_NPROC (see above),
       and a per-call CPU limit (soft RLIMIT_CPU -> SIGXCPU -> status "cpu_limit"; code could lift this soft limit, the
       wall-clock timeout is the hard bound). Environment: an allow-list (no trainer variables), BLAS threads = 1.
+    Pool-wide (both modes): a memory and a disk budget bound what the calls running at once may take (the pool reduces
+    concurrency to fit them, see SandboxPool), and every sandbox process has oom_score_adj 1000, so when memory runs
+    out anyway the kernel kills a sandbox (status "crashed") and not the trainer. Under a root trainer 1000 is also the
+    floor (the template sets it with CAP_SYS_RESOURCE); under another user code could lower it to the trainer's own.
     Not isolated in any mode: reads as described above (input videos are read in place), CPU and memory-bandwidth
-    contention, disk usage by many files below the per-file limit, and the kernel's syscall surface (no seccomp).
+    contention, disk written within one call beyond `disk_mb` (checked after the call; `file_mb` bounds each file) or
+    between calls by a background process, and the kernel's syscall surface (no seccomp).
     Not returned: output written before a timeout or crash (it is lost with the process).
 
 Fallback ("basic" mode, when namespaces are unavailable, e.g. Docker's default seccomp profile)
-    One RuntimeWarning names the failure. Kept: allow-listed environment, private directory, rlimits, CUDA hidden via
-    CUDA_VISIBLE_DEVICES="", PR_SET_NO_NEW_PRIVS, and under a root trainer the per-worker uid (so the code cannot
-    signal or ptrace the trainer or read its /proc environ, fork bombs hit RLIMIT_NPROC). Each worker is a child
-    subreaper; a timeout SIGSTOPs then SIGKILLs its whole tree found through /proc. Lost: network isolation, the
-    read-only filesystem, the private /proc and /dev, and, for a non-root trainer, protection of the trainer's
+    One RuntimeWarning names the failure. Kept: allow-listed environment, own working directory, rlimits, pool
+    budgets and OOM score, CUDA hidden via CUDA_VISIBLE_DEVICES="", PR_SET_NO_NEW_PRIVS, and under a root trainer the
+    per-worker uid (so the code cannot signal or ptrace the trainer or read its /proc environ, fork bombs hit
+    RLIMIT_NPROC). Each worker is a child subreaper; a timeout SIGSTOPs then SIGKILLs its whole tree found through
+    /proc. Lost: network isolation, the read-only filesystem, the private /proc and /dev, the hidden pool directory
+    (trajectories can list it and read each other's files: a root trainer's workers read through permission bits with
+    CAP_DAC_READ_SEARCH, a non-root trainer's share its uid), and, for a non-root trainer, protection of the trainer's
     environment and processes (same uid). Force a mode with `SandboxPool(isolation="namespaces" | "basic")`.
 
 Cleanup
@@ -125,7 +136,8 @@ from PIL import Image
 
 # Names every runtime starts with (besides image_clue_<i> and video_clue_0); the rollout's prompt can list them.
 PRELOADED_NAMES = ("np", "plt", "Image", "io", "base64", "display")
-STATUSES = ("ok", "error", "exit", "oom", "cpu_limit", "timeout", "crashed", "sandbox_error")
+STATUSES = ("ok", "error", "exit", "oom", "cpu_limit", "timeout", "crashed", "disk_limit", "sandbox_error")
+OOM_SCORE_ADJ = 1000   # every sandbox process is the OOM killer's first choice (see _volunteer_for_the_oom_killer)
 
 
 def preamble_names(num_images: int, has_video: bool) -> list[str]:
@@ -141,6 +153,7 @@ class SandboxConfig:
     memory_mb: int = 4096            # RLIMIT_AS of the interpreter (virtual memory, so leave room for library mappings)
     cpu_s: float | None = None       # CPU seconds per call (soft RLIMIT_CPU); None = timeout
     file_mb: int = 64                # RLIMIT_FSIZE: the largest file the code may write
+    disk_mb: int = 1024              # the most the sandbox's directory may hold after a call, inputs included
     max_open_files: int = 256        # RLIMIT_NOFILE
     max_procs: int = 64              # RLIMIT_NPROC, processes + threads; enforced when workers get their own uid
     max_output_chars: int = 16000    # head + tail of the captured text kept per call
@@ -594,6 +607,7 @@ class Sandbox:
     def __init__(self, images=(), video=None, *, pool: SandboxPool | None = None, **options):
         self._pool = pool if pool is not None else default_pool()
         self.config = dataclasses.replace(self._pool.defaults, **options)
+        self._pool._budget.check(self.config)
         self._images, self._video = _check_inputs(images, video)
         self._lock = threading.Lock()
         self._closed = False
@@ -628,6 +642,7 @@ class Sandbox:
         finally:
             self._pool._refill()
         self.startup_notes = [_clean_text(n, 1000) for n in reply.get("notes", []) if isinstance(n, str)]
+        self._pool._budget.store(id(self._holder), _disk_used_mb(worker.workdir))   # the staged inputs
         return worker
 
     def run(self, code: str) -> ExecResult:
@@ -637,7 +652,7 @@ class Sandbox:
         with self._lock:
             if self._closed:
                 raise SandboxError("run() on a closed sandbox")
-            with self._pool._running:
+            with self._pool._running, self._pool._budget.call(id(self._holder), self.config):
                 start = time.monotonic()
                 result = self._run(code)
                 result.duration_s = time.monotonic() - start
@@ -652,12 +667,18 @@ class Sandbox:
         worker = self._holder[0]
         try:
             reply = worker.request({"op": "run", "code": code}, self.config.timeout)
-            return self._result(reply, worker)
+            result = self._result(reply, worker)
         except TimeoutError:
             return self._restart("timeout", f"TimeoutError: the call ran longer than {self.config.timeout:g} s "
                                             "and was killed with all its processes")
         except EOFError as e:
             return self._restart("crashed", str(e))
+        stored_mb = _disk_used_mb(worker.workdir)
+        if stored_mb > self.config.disk_mb:
+            return self._restart("disk_limit", f"the sandbox's directory held {stored_mb:.0f} MB after the call, "
+                                               f"more than disk_mb={self.config.disk_mb}; its files were removed")
+        self._pool._budget.store(id(self._holder), stored_mb)
+        return result
 
     def _result(self, reply: dict, worker: _Worker) -> ExecResult:
         status, names, notes = reply.get("status"), reply.get("images"), reply.get("notes")
@@ -672,7 +693,7 @@ class Sandbox:
     def _restart(self, status: str, reason: str) -> ExecResult:
         code = self._pool._retire(self._holder[0])
         self._holder[0] = None
-        error = reason if status == "timeout" else f"{_describe_exit(code)} ({reason})"
+        error = f"{_describe_exit(code)} ({reason})" if status == "crashed" else reason
         notes = ["the interpreter was restarted: variables, imports and functions from earlier calls are gone "
                  "(the preloaded names are back)"]
         try:
@@ -695,6 +716,92 @@ class Sandbox:
         self.close()
 
 
+def _half_of_physical_memory_mb() -> int:
+    """Half the machine's RAM (a container's memory limit is not read: pass memory_budget_mb there)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2 >> 20
+
+
+def _half_of_free_disk_mb(path: str) -> int:
+    st = os.statvfs(path)
+    return max(1, st.f_bavail * st.f_frsize // 2 >> 20)
+
+
+def _disk_used_mb(path: str) -> float:
+    """MB allocated under `path` (allocated blocks: a sparse file counts what it occupies), links not followed. A
+    directory the trainer may not read counts as unbounded: files hidden from the count must not escape the limit."""
+    total, todo = 0, [path]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as entries:
+                for entry in entries:
+                    with contextlib.suppress(FileNotFoundError):   # removed meanwhile by a background process
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+                        if entry.is_dir(follow_symlinks=False):
+                            todo.append(entry.path)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            return math.inf
+    return total / 2**20
+
+
+class _Budget:
+    """A pool's memory and disk budgets, in MB, and what its sandboxes hold of them (see SandboxPool).
+
+    Sandboxes are keys (any hashable that lives as long as the sandbox). An idle sandbox holds the disk space its
+    directory took after its last call (`store`); a running call holds its full memory_mb and disk_mb limits."""
+
+    def __init__(self, memory_mb: int, disk_mb: int):
+        self.memory_mb, self.disk_mb = memory_mb, disk_mb
+        self._cond = threading.Condition()
+        self._stored_mb: dict = {}                        # key -> MB its directory held after its last call
+        self._running: dict = {}                          # key -> (memory_mb, disk_mb) of its running call
+        self._queue: collections.deque = collections.deque()   # waiting calls, first come first served
+
+    def check(self, cfg: SandboxConfig) -> None:
+        for what, limit, budget in (("memory", cfg.memory_mb, self.memory_mb), ("disk", cfg.disk_mb, self.disk_mb)):
+            if limit > budget:
+                raise SandboxError(f"a sandbox with {what}_mb={limit} could never run in a pool whose "
+                                   f"{what}_budget_mb is {budget}: lower the one or raise the other")
+
+    def store(self, key, mb: float) -> None:
+        with self._cond:
+            self._stored_mb[key] = mb
+            self._cond.notify_all()
+
+    def forget(self, key) -> None:
+        with self._cond:
+            self._stored_mb.pop(key, None)
+            self._cond.notify_all()
+
+    def _fits(self, key, cfg: SandboxConfig) -> bool:
+        if not self._running:
+            return True
+        memory = cfg.memory_mb + sum(m for m, _ in self._running.values())
+        disk = cfg.disk_mb + sum(d for _, d in self._running.values()) + sum(
+            mb for k, mb in self._stored_mb.items() if k != key and k not in self._running)
+        return memory <= self.memory_mb and disk <= self.disk_mb
+
+    @contextlib.contextmanager
+    def call(self, key, cfg: SandboxConfig):
+        """Hold the call's limits while it runs; wait for its turn and for room first."""
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                self._cond.wait_for(lambda: self._queue[0] is ticket and self._fits(key, cfg))
+            finally:   # also when the wait is interrupted: a stale ticket at the head would stop every later call
+                self._queue.remove(ticket)
+                self._cond.notify_all()   # the next in line may fit as well
+            self._running[key] = (cfg.memory_mb, cfg.disk_mb)
+        try:
+            yield
+        finally:
+            with self._cond:
+                del self._running[key]
+                self._cond.notify_all()
+
+
 class SandboxPool:
     """A template process, idle spare workers, and bounds on live trajectories and concurrently running calls.
 
@@ -702,16 +809,27 @@ class SandboxPool:
     opens more trajectories than this without closing any would otherwise wait forever); spares: idle pre-forked
     workers kept ready; max_running: calls executing at once (default: CPU count), so the wall-clock timeout is not
     eaten by queueing; isolation: "auto" (namespaces if possible, else one warning and "basic"), "namespaces", "basic".
-    Other keywords are SandboxConfig defaults for the pool's sandboxes."""
+
+    memory_budget_mb / disk_budget_mb (default: half the machine's physical memory / half the free space where the
+    pool directory lives; the other half is the trainer's) bound what the sandboxes may take together. They reduce
+    concurrency, never the limits, and never block open(): a call waits, first come first served, until the
+    memory_mb of every call running at once, its own included, fits the memory budget, and the disk_mb of every
+    running call plus what the idle sandboxes' directories held after their last call fits the disk budget. One call
+    always runs, so idle sandboxes holding more than the disk budget slow the pool down to one call at a time but do
+    not stop it. Memory an idle interpreter keeps is not counted (the trainer cannot see it): if it fills the machine,
+    the kernel's OOM killer takes a sandbox, not the trainer (see the module docstring). open() refuses a sandbox whose
+    own limit exceeds a budget. Other keywords are SandboxConfig defaults for the pool's sandboxes."""
 
     def __init__(self, *, max_live: int = 256, spares: int = 2, max_running: int | None = None,
-                 isolation: str = "auto", open_wait_s: float = 60.0, **defaults):
+                 isolation: str = "auto", open_wait_s: float = 60.0, memory_budget_mb: int | None = None,
+                 disk_budget_mb: int | None = None, **defaults):
         global _NAMESPACE_FAILURE
         if isolation not in ("auto", "namespaces", "basic"):
             raise ValueError(f"isolation must be 'auto', 'namespaces' or 'basic', got {isolation!r}")
         max_running = max_running or os.cpu_count() or 1
-        for name, value in (("max_live", max_live), ("max_running", max_running)):
-            if not isinstance(value, int) or value < 1:
+        for name, value in (("max_live", max_live), ("max_running", max_running),
+                            ("memory_budget_mb", memory_budget_mb), ("disk_budget_mb", disk_budget_mb)):
+            if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(spares, int) or spares < 0:
             raise ValueError(f"spares must be a non-negative int, got {spares!r}")
@@ -733,6 +851,8 @@ class SandboxPool:
             self._template = self._start_template("basic")
         self.isolation = self._template.isolation
         self.own_uids = _UIDS is not None   # workers run under their own unprivileged uid
+        self._budget = _Budget(_half_of_physical_memory_mb() if memory_budget_mb is None else memory_budget_mb,
+                               _half_of_free_disk_mb(self.root) if disk_budget_mb is None else disk_budget_mb)
         self._live = threading.BoundedSemaphore(max_live)
         self._running = threading.BoundedSemaphore(max_running)
         self._cond = threading.Condition()
@@ -748,7 +868,9 @@ class SandboxPool:
     @staticmethod
     def _start_template(mode: str) -> _Template:
         root = tempfile.mkdtemp(prefix="pyvision-sandbox-")
-        os.chmod(root, 0o711)   # workers may pass through to their own directory, not list the others
+        # workers may pass through to their own directory but not list the others; that stops only a worker without
+        # CAP_DAC_READ_SEARCH, so in namespaces mode each worker's view of this directory holds its own alone
+        os.chmod(root, 0o711)
         try:
             return _Template(root, mode)
         except BaseException:
@@ -759,6 +881,14 @@ class SandboxPool:
     def root(self) -> str:
         """The directory holding every worker's private directory; removed on close."""
         return self._template.root
+
+    @property
+    def memory_budget_mb(self) -> int:
+        return self._budget.memory_mb
+
+    @property
+    def disk_budget_mb(self) -> int:
+        return self._budget.disk_mb
 
     def open(self, images=(), video=None, **options) -> Sandbox:
         """A new trajectory's sandbox (waits while max_live sandboxes are open)."""
@@ -856,6 +986,7 @@ class SandboxPool:
     def _release(self, holder: list) -> None:
         worker, holder[0] = holder[0], None
         self._retire(worker)
+        self._budget.forget(id(holder))
         self._live.release()
 
     def _release_later(self, holder: list) -> None:
@@ -960,6 +1091,7 @@ def _template_main(ctrl_fd: int, mode: str, root: str) -> None:
     ctrl = socket.socket(fileno=ctrl_fd)
     namespaces = mode == "namespaces"
     try:
+        _volunteer_for_the_oom_killer()
         if namespaces and not _enter_namespaces(ctrl, root):
             return   # we were the launcher: the template has exited and the directory is removed
         if not namespaces:
@@ -993,6 +1125,14 @@ def _template_main(ctrl_fd: int, mode: str, root: str) -> None:
         _kill_worker(pid, workers, namespaces)
     if not namespaces:   # in namespaces mode the launcher, outside our read-only view, removes the directory
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _volunteer_for_the_oom_killer() -> None:
+    """oom_score_adj = 1000 for the template and, inherited at fork, every worker: when memory runs out the kernel
+    kills a sandbox (the largest first), not the trainer. Written before any namespace is entered, so a root trainer's
+    CAP_SYS_RESOURCE also makes 1000 the floor: code in a worker cannot lower it again."""
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(OOM_SCORE_ADJ))
 
 
 def _enter_namespaces(ctrl: socket.socket, root: str) -> bool:
@@ -1167,6 +1307,20 @@ def _kill_worker(pid: int, workers: dict[int, int | None], namespaces: bool) -> 
 # Child side: the worker (one trajectory's interpreter)
 # ---------------------------------------------------------------------------------------------------------------------
 
+def _show_only_own_directory(root: str, workdir: str) -> None:
+    """Cover the pool directory, in this worker's mount namespace, with an empty read-only tmpfs that holds only our
+    own directory, bind-mounted back. No path and no listing reaches another worker's files, whatever our uid or
+    capabilities (a root trainer's workers keep CAP_DAC_READ_SEARCH, which would read through any permission bits)."""
+    own = os.open(workdir, os.O_PATH | os.O_DIRECTORY)   # still reachable through this descriptor once covered
+    try:
+        _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=711,size=16k")
+        os.mkdir(workdir)
+        _mount(f"/proc/self/fd/{own}", workdir, None, MS_BIND)
+    finally:
+        os.close(own)
+    _remount_readonly(root)
+
+
 class _CpuLimitExceeded(BaseException):
     """Raised by SIGXCPU; a BaseException so user code's `except Exception` does not swallow it."""
 
@@ -1183,8 +1337,7 @@ def _worker_main(chan_fd: int, workdir: str, uid: int | None, namespaces: bool, 
         chan = socket.socket(fileno=chan_fd)
         if namespaces:
             _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)   # shows only this worker's namespace
-            _mount(workdir, workdir, None, MS_BIND)
-            _remount_readonly(root)   # the other workers' directories become read-only; ours stays writable below it
+            _show_only_own_directory(root, workdir)
         if uid is not None:
             os.chown(workdir, uid, uid)
         if namespaces or uid is not None:   # otherwise there is nothing to drop

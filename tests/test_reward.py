@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -352,7 +353,7 @@ def test_judge_failure_raises_or_masks_never_zero(judge_server, caplog):
     assert len(server.bodies) == 3
     with caplog.at_level(logging.WARNING, logger="reward"):
         assert Judge(server.url, max_retries=1, backoff_s=0.01, on_failure="mask").judge(ITEM) is None
-    assert "sample masked" in caplog.text
+    assert "masking 1 sample" in caplog.text
 
 
 def test_judge_timeout_raises_or_masks(judge_server):
@@ -401,10 +402,53 @@ def test_score_many_with_judge_adds_the_bonus_and_masks_failures(judge_server):
     assert reward.reward_stats([judged, rule, masked])["reward/masked_frac"] == pytest.approx(1 / 3)
 
 
+def model_answer_of(body: dict) -> str:
+    return body["messages"][1]["content"].rsplit("[Model_answer] : ", 1)[1].split("\n")[0]
+
+
+def test_judge_retries_only_the_failed_samples_and_logs_each_retry_by_sample_id(judge_server, caplog):
+    sent = {}
+
+    def respond(i, body):
+        answer = model_answer_of(body)
+        sent[answer] = sent.get(answer, 0) + 1          # one request per sample and round: no two handlers share a key
+        return (500, "", 0) if answer == "flaky" and sent[answer] <= 2 else (200, "Judgement: 1", 0)
+
+    server = judge_server(respond)
+    items = [JudgeItem("q", "a", answer, "vstar", sample_id=f"task-3/{k}") for k, answer in
+             enumerate(["steady", "flaky", "also steady"])]
+    with caplog.at_level(logging.WARNING, logger="reward"):
+        assert Judge(server.url, max_retries=3, backoff_s=0.01).judge_many(items) == [1.0, 1.0, 1.0]
+    assert sent == {"steady": 1, "flaky": 3, "also steady": 1}    # a sample with a verdict is never sent again
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) == 2 and all("[task-3/1]" in line and "HTTP 500" in line for line in retries)
+    assert retries[0].startswith("judge: retry 1/3") and retries[1].startswith("judge: retry 2/3")
+
+
+def test_a_judge_that_never_answers_costs_one_batch_budget_then_masks_each_sample(judge_server, caplog):
+    server = judge_server(lambda i, body: (200, "Judgement: 1", 60.0))   # answers only when the test ends
+    judge = Judge(server.url, timeout_s=0.5, max_retries=10, backoff_s=0.05, max_concurrency=2, batch_budget_s=1.0,
+                  on_failure="mask")
+    requests = [ScoreRequest("left", "vstar", None, boxed("left"), 1, question="Where?", sample_id=f"task-9/{k}")
+                for k in range(6)]
+    requests.append(ScoreRequest("B", "synthetic_image", "multiple_choice", boxed("B"), 1, sample_id="task-2/0"))
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="reward"):
+        parts = score_many(requests, judge=judge)
+    # without the budget: 6 samples / 2 in flight x 11 attempts x 0.5 s = 16 s and more
+    assert time.monotonic() - start < 3.0
+    assert [p.masked for p in parts] == [True] * 6 + [False]
+    assert all(math.isnan(p.total) for p in parts[:6]) and parts[6].total == pytest.approx(1.1)
+    assert "masking 6 sample(s)" in caplog.text and "task-9/5" in caplog.text and "budget 1 s" in caplog.text
+    assert len(server.bodies) <= 4                                # never more requests than the budget had room for
+
+
 def test_judge_config_validation():
     with pytest.raises(ValueError, match="base_url"):
         Judge("127.0.0.1:8000/v1")
     with pytest.raises(ValueError, match="on_failure"):
         Judge("http://127.0.0.1:1/v1", on_failure="zero")
+    with pytest.raises(ValueError, match="batch_budget_s"):
+        Judge("http://127.0.0.1:1/v1", batch_budget_s=0)
     with pytest.raises(UnroutableError, match="not a judge source"):
         Judge("http://127.0.0.1:1/v1").request_body(JudgeItem("q", "a", "b", "synthetic_image"))

@@ -225,6 +225,28 @@ def test_fork_bomb_hits_the_process_limit(pool):
     assert _wait_until(lambda: not _procs_with(token), 15)
 
 
+def test_a_directory_grown_past_disk_mb_is_removed_with_the_state(pool):
+    with pool.open(disk_mb=2, file_mb=4) as sb:
+        assert sb.run("open('keep.bin', 'wb').write(b'x' * (1 << 20))\nstate = 1").ok       # 1 MB: within the limit
+        r = sb.run("for i in range(3):\n    open(f'more{i}.bin', 'wb').write(b'x' * (1 << 20))")   # 4 MB in all
+        assert r.status == "disk_limit" and r.state_reset and "disk_mb=2" in r.error
+        r = sb.run("import os\nprint(sorted(f for f in os.listdir('.') if f.endswith('.bin')), 'state' in globals())")
+        assert r.text == "[] False\n"
+
+
+def test_sandboxes_are_the_oom_killers_first_choice_not_the_trainer(pool):
+    with pool.open() as sb:
+        r = sb.run("print(open('/proc/self/oom_score_adj').read().strip())\n"
+                   "try:\n    open('/proc/self/oom_score_adj', 'w').write('0')\n    print('lowered')\n"
+                   "except OSError:\n    print('refused')")
+    score, lowering = r.text.split()
+    assert score == "1000"
+    if os.geteuid() == 0:                       # a root trainer makes 1000 the floor
+        assert lowering == "refused"
+    assert Path(f"/proc/{pool._template.proc.pid}/oom_score_adj").read_text().strip() == "1000"
+    assert int(Path("/proc/self/oom_score_adj").read_text()) < 1000     # the trainer keeps its own
+
+
 def test_output_is_bounded_head_and_tail(pool):
     import resource
     n = 200_000
@@ -271,6 +293,18 @@ def test_environment_network_signals_and_filesystem_are_isolated(pool):
         r = sb.run("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"    # MS_REMOUNT | MS_BIND: back to rw
                    "print(libc.mount(None, b'/', None, ctypes.c_ulong(32 | 4096), None), ctypes.get_errno())")
         assert r.text == "-1 1\n"   # EPERM: no capabilities left to undo the read-only view
+
+
+def test_a_trajectory_sees_neither_the_files_nor_the_directories_of_the_others(pool):
+    if pool.isolation != "namespaces":
+        pytest.skip("a worker's private view of the pool directory needs a mount namespace (see basic mode)")
+    with pool.open() as a, pool.open() as b:
+        a_dir = a.run("import os\nopen('private.txt', 'w').write('secret of A')\nprint(os.getcwd())").text.strip()
+        assert (Path(a_dir) / "private.txt").read_text() == "secret of A"   # it is there, seen from the trainer
+        r = b.run(f"import os\nprint(os.listdir({pool.root!r}) == [os.path.basename(os.getcwd())])\n"
+                  f"for probe in [lambda: os.listdir({a_dir!r}), lambda: open({a_dir + '/private.txt'!r}).read()]:\n"
+                  "    try:\n        print(probe())\n    except OSError as e:\n        print(type(e).__name__)")
+        assert r.text == "True\nFileNotFoundError\nFileNotFoundError\n", r.text
 
 
 # The trainer: two sandboxes, each with a background process that escaped into its own session; then it waits.
@@ -466,6 +500,40 @@ def test_pool_bounds_live_sandboxes():
         assert third[0].run("print(1)").text == "1\n"
         b.close()
         third[0].close()
+
+
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])   # an end before a start
+    running = most = 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    return most
+
+
+def test_pool_budgets_reduce_concurrency_and_count_what_idle_sandboxes_store():
+    timed_nap = "import time\nstart = time.time()\ntime.sleep(0.6)\nprint(start, time.time())"
+
+    def spans(boxes):
+        return [tuple(map(float, r.text.split())) for r in pool.run_many([(sb, timed_nap) for sb in boxes])]
+
+    with SandboxPool(spares=4, max_running=4, memory_budget_mb=2048, disk_budget_mb=8, timeout=10, memory_mb=1024,
+                     disk_mb=1) as pool:
+        assert (pool.memory_budget_mb, pool.disk_budget_mb) == (2048, 8)
+        with pytest.raises(sandbox.SandboxError, match="memory_budget_mb is 2048"):
+            pool.open(memory_mb=4096)                  # could never run: refused at once
+        with pytest.raises(sandbox.SandboxError, match="disk_budget_mb is 8"):
+            pool.open(disk_mb=9)
+        boxes = [pool.open() for _ in range(4)]
+        assert _most_at_once(spans(boxes)) == 2        # max_running alone would let all 4 run
+        for sb in boxes:
+            sb.close()
+        hoarder = pool.open(memory_mb=512, disk_mb=6)
+        assert hoarder.run("open('hoard.bin', 'wb').write(b'x' * (5 << 20))").ok   # idle, it still holds 5 MB
+        boxes = [pool.open(memory_mb=512, disk_mb=2) for _ in range(3)]
+        assert _most_at_once(spans(boxes)) == 1        # 5 + 2 + 2 > 8; without the 5 MB all 3 would fit
+        hoarder.close()                                # closing gives the space back
+        assert _most_at_once(spans(boxes)) == 3
 
 
 def test_bad_inputs_name_the_input(pool, tmp_path):
