@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -211,7 +212,9 @@ def write_tasks(tasks: list[Task], path: str | Path) -> None:
             if key in row and Path(row[key]).is_relative_to(path.parent):
                 row[key] = str(Path(row[key]).relative_to(path.parent))
         rows.append(row)
-    path.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    tmp = path.with_name(f".tmp_{path.name}")      # written whole or not at all: later stages trust this file
+    tmp.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

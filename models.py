@@ -34,11 +34,13 @@ Differences from the official code
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -284,6 +286,26 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     return table[dtype]
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, replace: bool = False):
+    """Yield a temp directory beside `path` that becomes `path` only when the block completes, so no later stage ever
+    trusts a half-written checkpoint (a kill leaves only the `.tmp_` directory, removed by the next attempt). An
+    existing `path` is replaced only with `replace=True`; otherwise it is refused, never written into."""
+    path = Path(path)
+    if path.exists() and not replace:
+        raise FileExistsError(f"{path} exists; refusing to write into it (remove it or choose another directory)")
+    tmp = path.with_name(f".tmp_{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
 def load_policy(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
                 attn_implementation: str = "sdpa", min_pixels: int | None = None, max_pixels: int | None = None):
     """Load a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (hub name or local dir) -> (model, VLProcessor).
@@ -398,22 +420,25 @@ def build_tiny(out_dir: str | os.PathLike, seed: int = 0, size: str = "test", co
     if size not in TINY_SIZES:
         raise ValueError(f"unknown tiny size {size!r}; choose from {sorted(TINY_SIZES)}")
     spec = TINY_SIZES[size] if copy_steps is None else dataclasses.replace(TINY_SIZES[size], copy_steps=copy_steps)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec.vocab_size, tokenizer_corpus(seed))
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, spec))
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    Qwen2VLImageProcessorPil(size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}).save_pretrained(out)
-    (out / "tiny.json").write_text(json.dumps({"size": size, "seed": seed, **spec.__dict__}, indent=1))
-    if spec.copy_steps:
-        model, processor = load_policy(out)
-        log = pretrain_copying(model, processor, spec.copy_steps, seed=seed)
+    # an empty directory (a fresh mkdtemp) may be filled; anything else that exists is the user's and is refused
+    empty = Path(out_dir).is_dir() and not any(Path(out_dir).iterdir())
+    with atomic_dir(out_dir, replace=empty) as out:
+        tokenizer = build_tokenizer(spec.vocab_size, tokenizer_corpus(seed))
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, spec))
+        model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                                   pad_token_id=tokenizer.pad_token_id)
         model.save_pretrained(out)
-        (out / "copy_pretraining.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
-    return out
+        tokenizer.save_pretrained(out)
+        Qwen2VLImageProcessorPil(size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
+                                 ).save_pretrained(out)
+        (out / "tiny.json").write_text(json.dumps({"size": size, "seed": seed, **spec.__dict__}, indent=1))
+        if spec.copy_steps:
+            model, processor = load_policy(out)
+            log = pretrain_copying(model, processor, spec.copy_steps, seed=seed)
+            model.save_pretrained(out)
+            (out / "copy_pretraining.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+    return Path(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

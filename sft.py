@@ -161,6 +161,8 @@ def sft_loss(model, trajs: Sequence[Trajectory], processor: models.VLProcessor, 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(argv)
     d = train.init_distributed()
+    if d.device.type == "cpu":
+        train.set_cpu_threads()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
@@ -216,8 +218,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     bar.close()
     if d.main:
         log.close()
-        model.save_pretrained(out / "model")
-        processor.save_pretrained(out / "model")
+        with models.atomic_dir(out / "model", replace=True) as tmp:   # the next stage trusts a complete directory
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
         print(f"wrote {out / 'model'}")
 
 

@@ -14,7 +14,8 @@ How to run
     torchrun --nproc_per_node=2 train.py --preset tiny --output-dir runs/tiny-rl             # CPU, gloo DDP
     torchrun --nproc_per_node=8 train.py --preset paper-image --data rl.json --output-dir runs/img   # 8 GPUs, vLLM
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 train.py --preset paper-video ...  # multi-node
-    python train.py --output-dir runs/tiny-rl --resume                                       # continue a stopped run
+    python train.py --preset tiny --max-steps 10 --output-dir runs/tiny-rl --resume          # continue a stopped run
+    torchrun --nproc_per_node=8 train.py --preset released-image ...   # the released script's batch and offload
 
 Distribution
     Every rank rolls out its share of each generation batch. The rank-local trajectories are summarised (group, reward,
@@ -22,11 +23,22 @@ Distribution
     each rank then trains on its kept trajectories. The token-mean loss is normalised by the global token count, so N
     ranks give the same update as one rank on the same data (tests/test_train.py checks this with gloo).
     `--parallel ddp` keeps a full copy of the policy per rank; `--parallel fsdp2` (the paper presets) shards each
-    transformer block's parameters, gradients and AdamW state over the ranks, which is what lets a 7B policy train
-    beside a colocated vLLM on 80 GB cards. Checkpoints and the final export are gathered to full Hugging Face weights
-    on rank 0 whatever the layout, so a run can resume under the other layout (same number of ranks). A sharded
-    policy cannot run HF `generate` rank by rank, so with `--engine hf` the engine keeps a full replica that receives
-    the new weights after each update, exactly as vLLM does.
+    transformer block's parameters, gradients and AdamW state over the ranks (in one process too, as a 1-rank group,
+    so one GPU runs the same code as eight), which is what lets a 7B policy train beside a colocated vLLM. Checkpoints
+    are sharded (torch.distributed.checkpoint: each rank writes and reads its own part), so a run resumes under any
+    layout and rank count; the final export is one Hugging Face directory gathered on rank 0. A sharded policy cannot
+    run HF `generate` rank by rank, so with `--engine hf` under FSDP2 the engine keeps a full replica that receives the
+    new weights after each update, exactly as vLLM does. Collectives time out after `--dist-timeout-min`, and periodic
+    evaluation is spread over the ranks, so no rank waits out another's long solo work.
+
+Precision and memory (what a 7B policy on 80 GB cards needs; bench/memory_plan.py measures it)
+    * `--dtype bfloat16` is the compute dtype: the master weights and AdamW state stay float32 (at lr 1e-6 most updates
+      of a bfloat16 weight would round away), FSDP2 gathers bfloat16 copies and reduces gradients in float32, one
+      process and DDP autocast. The final export is written in the compute dtype; checkpoints hold the float32 weights.
+    * The LM head runs only at action positions, `--logprob-chunk` positions at a time under checkpointing: no
+      (B, T, vocab) float32 logits (`action_logprobs`). `--grad-checkpointing` recomputes each block in the backward.
+    * `--micro-batch-tokens` packs length-sorted trajectories up to a padded-token budget; `--offload` keeps FSDP2's
+      shards, gradients and AdamW state in host memory.
 
 Differences from the paper / official code
     * With one optimiser step per RL step (the default, on-policy) the old log-probs equal the current ones; we reuse
@@ -71,9 +83,10 @@ from rollout import Trajectory
 # Config
 # ---------------------------------------------------------------------------------------------------------------------
 
-def config_field(default, help: str):
-    """A config dataclass field with its --help text (train.py, sft.py and eval.py build their flags from these)."""
-    return field(default=default, metadata={"help": help})
+def config_field(default, help: str, choices: Sequence | None = None):
+    """A config dataclass field with its --help text and, for a choice, its allowed values (checked when the flags are
+    parsed, before any work). train.py, sft.py and eval.py build their flags from these."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 _f = config_field
@@ -81,13 +94,18 @@ _f = config_field
 
 @dataclass
 class TrainConfig:
-    preset: str = _f("tiny", "starting values: tiny (CPU tests), demo (the CPU demo), paper-image, paper-video")
+    preset: str = _f("tiny", "starting values: tiny (CPU tests), demo (the CPU demo), paper-image and paper-video (the "
+                             "paper's text), released-image and released-video (the released script)",
+                     ["tiny", "demo", "paper-image", "paper-video", "released-image", "released-video"])
     model: str = _f("", "checkpoint name or path; empty with the tiny preset builds a tiny model in OUTPUT_DIR/model")
     data: str = _f("", "training tasks (official RL or validation format); empty with tiny: synthetic tasks are written")
     eval_data: str = _f("", "held-out tasks for periodic evaluation (empty: no periodic evaluation)")
     output_dir: str = _f("runs/train", "where the config, metrics.jsonl, checkpoints and the final model go")
     resume: bool = _f(False, "continue from the newest checkpoint in OUTPUT_DIR")
-    engine: str = _f("hf", "rollout engine: hf (transformers generate), vllm (GPU), scripted (expert, for checks)")
+    keep_config: bool = _f(True, "with --resume: settings that change the run's results come from the run's own "
+                                 "config.json, with a warning for each flag that differs (--no-keep-config: flags win)")
+    engine: str = _f("hf", "rollout engine: hf (transformers generate), vllm (GPU), scripted (expert, for checks)",
+                     ["hf", "vllm", "scripted"])
     max_steps: int = _f(20, "RL steps")
     seed: int = _f(0, "seed for data order, sampling and the scripted expert")
     # batch shape (paper: 32 prompts generated per batch, 16 trained per step, 8 rollouts each)
@@ -109,15 +127,16 @@ class TrainConfig:
     clip_low: float = _f(0.2, "PPO ratio clip below 1")
     clip_high: float = _f(0.2, "PPO ratio clip above 1")
     dual_clip: float = _f(3.0, "dual-clip constant c for negative advantages (0 disables)")
-    loss_agg: str = _f("token-mean", "token-mean (paper) or seq-mean-token-mean")
+    loss_agg: str = _f("token-mean", "token-mean (paper) or seq-mean-token-mean", ["token-mean", "seq-mean-token-mean"])
     kl_coef: float = _f(0.0, "KL-to-reference coefficient; 0 loads no reference model (paper)")
-    kl_estimator: str = _f("k3", "k1 or k3")
+    kl_estimator: str = _f("k3", "k1 or k3", ["k1", "k3"])
     train_vision: bool = _f(False, "also train the vision tower (paper: frozen)")
     dtype: str = _f("float32", "compute dtype: float32, or bfloat16 (mixed precision: the master weights, the "
-                               "gradient reduction and AdamW's state stay float32; the final export is in this dtype)")
+                               "gradient reduction and AdamW's state stay float32; the final export is in this dtype)",
+                     ["float32", "bfloat16"])
     parallel: str = _f("ddp", "how ranks hold the model: ddp (a full copy each) or fsdp2 (parameters, gradients and "
                               "optimiser state sharded per transformer block: what a 7B policy needs; also in one "
-                              "process, as a 1-rank group)")
+                              "process, as a 1-rank group)", ["ddp", "fsdp2"])
     offload: bool = _f(False, "fsdp2: keep parameters, gradients and AdamW state in host memory (CPUOffloadPolicy)")
     dist_timeout_min: float = _f(60.0, "collective timeout in minutes (NCCL's 10-minute default kills a job whose "
                                        "ranks wait on a long checkpoint write)")
@@ -129,7 +148,8 @@ class TrainConfig:
     std_sort: bool = _f(True, "rank groups by reward std (False: first come, first kept)")
     std_norm: bool = _f(False, "divide advantages by the group std (ablation)")
     whole_groups: bool = _f(True, "OFR keeps whole groups (False: official per-trajectory cut)")
-    adv_timing: str = _f("before_filter", "group baseline before_filter (official) or after_filter")
+    adv_timing: str = _f("before_filter", "group baseline before_filter (official) or after_filter",
+                         ["before_filter", "after_filter"])
     require_image: bool = _f(False, "OFR drops trajectories that never got an image back (official hasimage filter)")
     # rollout
     max_turns: int = _f(5, "generation rounds per trajectory (max_turns-1 tool calls: the paper's turn budget 4)")
@@ -139,11 +159,16 @@ class TrainConfig:
     top_p: float = _f(1.0, "rollout nucleus sampling")
     vllm_gpu_memory: float = _f(0.4, "vllm: fraction of the GPU's memory it takes (the trainer shares the GPU)")
     vllm_eager: bool = _f(False, "vllm: no CUDA graphs or torch.compile (starts in seconds, decodes slower)")
-    on_error: str = _f("terminate", "code errors end the trajectory (paper) or are fed back (feedback)")
-    video_context: str = _f("on_demand", "on_demand (video only in the sandbox) or full_context (frames in the prompt)")
+    on_error: str = _f("terminate", "code errors end the trajectory (paper) or are fed back (feedback)",
+                       ["terminate", "feedback"])
+    video_context: str = _f("on_demand", "on_demand (video only in the sandbox) or full_context (frames in the prompt)",
+                            ["on_demand", "full_context"])
     template_file: str = _f("", "prompt templates JSON (the official rl_system_prompt_template.json); empty: built-in")
     template_key: str = _f("", "key in TEMPLATE_FILE, or a built-in set (default, short); empty: default")
     tool_timeout_s: float = _f(30.0, "wall-clock limit of one tool call")
+    judge_url: str = _f("", "OpenAI-compatible judge endpoint, e.g. http://127.0.0.1:8000/v1 (needed by judged data "
+                            "sources; a sample the judge cannot score in time is masked: OFR drops its group)")
+    judge_model: str = _f("judge", "model name served at JUDGE_URL")
     # logging, checkpoints, evaluation
     save_every: int = _f(10, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = _f(2, "newest checkpoints kept on disk")
@@ -193,7 +218,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> argparse.Ar
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None, help=text)
+            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None, help=text,
+                                choices=f.metadata.get("choices"))
     return parser
 
 
@@ -201,14 +227,41 @@ def given_flags(namespace: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(namespace).items() if v is not None}
 
 
+# the smallest value each count accepts (checked before any work; a GRPO group of one has advantage 0 everywhere)
+MINIMUM = {"max_steps": 1, "group_size": 2, "gen_batch_prompts": 1, "train_groups": 1, "max_draws": 1,
+           "mini_batches": 1, "micro_batch": 1, "micro_batch_tokens": 0, "logprob_chunk": 1, "max_turns": 1,
+           "save_every": 1, "keep_checkpoints": 1, "eval_every": 0, "html_every": 0}
+# settings a resumed run may change without changing what it computes
+RUN_CONTROL = {"resume", "keep_config", "max_steps", "output_dir", "save_every", "keep_checkpoints", "eval_every",
+               "eval_data", "html_every", "tensorboard", "wandb", "dist_timeout_min", "judge_url", "tool_timeout_s"}
+
+
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Preset values apply unless a flag is given."""
+    """Preset values apply unless a flag is given; counts are checked, and a resumed run keeps its own config."""
     parser = add_config_flags(argparse.ArgumentParser(description="GRPO + OFR training (PyVision-RL)."), TrainConfig)
     given = given_flags(parser.parse_args(argv))
-    preset = given.get("preset", TrainConfig.preset)
-    if preset not in PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    return TrainConfig(**(PRESETS[preset] | given))
+    cfg = TrainConfig(**(PRESETS[given.get("preset", TrainConfig.preset)] | given))
+    for name, least in MINIMUM.items():
+        if getattr(cfg, name) < least:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(cfg, name)}")
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--output-dir {out} is a file, not a directory")
+    saved = out / "config.json"
+    if cfg.resume and saved.is_file():
+        cfg = resumed_config(cfg, json.loads(saved.read_text()), saved)
+    return cfg
+
+
+def resumed_config(cfg: TrainConfig, saved: dict, path: Path) -> TrainConfig:
+    """The run's own settings win over changed flags (a resumed run that silently changed its lr or batch would be
+    neither the old experiment nor a new one), except those in RUN_CONTROL; each difference is named."""
+    changed = {k: v for k, v in dataclasses.asdict(cfg).items()
+               if k in saved and k not in RUN_CONTROL and saved[k] != v}
+    for name, value in changed.items():
+        action = "keeping the run's value (--no-keep-config to change it)" if cfg.keep_config else "using the flag"
+        print(f"warning: --{name.replace('_', '-')} is {value!r} but {path} says {saved[name]!r}; {action}")
+    return dataclasses.replace(cfg, **{k: saved[k] for k in changed}) if cfg.keep_config else cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -242,10 +295,22 @@ def init_distributed(timeout_min: float = 60.0, one_process_group: bool = False)
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         device = torch.device("cpu")
     dist.init_process_group(backend, timeout=timeout)
     return Dist(rank, world, local, device)
+
+
+def set_cpu_threads() -> int:
+    """torch's CPU threads: OMP_NUM_THREADS when set, else the cores this process may use less those already busy
+    (the 1-minute load average) shared among this node's ranks. torch's default takes every core, and when anything
+    else runs (another rank, the sandbox's tool processes, a second run) its spinning threads oversubscribe them:
+    runs were 3-7x slower on 2 cores."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, int((cores - round(os.getloadavg()[0])) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    torch.set_num_threads(min(threads, cores))
+    return torch.get_num_threads()
 
 
 def all_gather_objects(obj, d: Dist) -> list:
@@ -493,24 +558,21 @@ def lockstep(micro: list, filler: Trajectory, d: Dist):
 
 def export_model(model, processor, path: Path, dtype: str, d: Dist) -> None:
     """Write the final Hugging Face directory (what eval.py and vLLM load) in `dtype`, gathered to rank 0's CPU and
-    written to a temp dir renamed when complete; every rank calls this (the gather is a collective). Tied weights (Qwen's
-    lm_head = embeddings) come back from the gather as two copies; the tied one is left out, as from_pretrained ties it
-    again."""
+    written whole or not at all (models.atomic_dir); every rank calls this (the gather is a collective). Tied weights
+    (Qwen's lm_head = embeddings) come back from the gather as two copies; the tied one is left out, as from_pretrained
+    ties it again."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.main:
         policy, torch_dtype = unwrap(model), models.resolve_dtype(dtype)
         tied = getattr(policy, "all_tied_weights_keys", None) or {}
         state = {k: v.to(torch_dtype) for k, v in state.items() if k not in tied}
-        tmp = path.with_name(f".tmp_{path.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp, state_dict=state)
-        config = json.loads((tmp / "config.json").read_text())   # it names the master weights' dtype: say ours
-        config["dtype"] = str(torch_dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        processor.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        with models.atomic_dir(path, replace=True) as tmp:
+            policy.save_pretrained(tmp, state_dict=state)
+            config = json.loads((tmp / "config.json").read_text())   # it names the master weights' dtype: say ours
+            config["dtype"] = str(torch_dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            processor.save_pretrained(tmp)
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, stream: PromptStream, extra: dict, d: Dist,
@@ -533,6 +595,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, stream: PromptStream
     if d.main:
         torch.save({"rng": rngs}, tmp / "rng.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, "stream": stream.state(), **extra}))
+        shutil.rmtree(final, ignore_errors=True)   # a step re-run after a resume from an older checkpoint
         os.replace(tmp, final)
         for old in sorted((out / "ckpt").glob("step_*"))[:-keep]:
             shutil.rmtree(old)
@@ -554,9 +617,27 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "ckpt").glob("step_*"))
-    return found[-1] if found else None
+def resume(out: Path, model, optimizer, d: Dist) -> dict | None:
+    """Load the newest readable checkpoint; one that fails to load is named with its error and the previous one is
+    tried (all ranks fail together: the sharded load is a collective). None when there is none."""
+    from torch.distributed.checkpoint.api import CheckpointException   # a BaseException: name it to catch it
+    found = checkpoints(out)
+    for k, path in enumerate(found):
+        try:
+            return load_checkpoint(path, model, optimizer, d)
+        except (Exception, CheckpointException) as error:   # torn or corrupt files: the older checkpoint is whole
+            reason = f"{type(error).__name__}: {' '.join(str(error).split())[-300:]}"
+            if k + 1 == len(found):  # the weights may be half overwritten by now: never train on from them
+                raise SystemExit(f"no checkpoint in {out / 'ckpt'} can be loaded; the last tried, {path}: "
+                                 f"{reason}") from error
+            if d.main:
+                print(f"warning: checkpoint {path} cannot be loaded ({reason}); falling back to {found[k + 1].name}")
+    return None
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, newest first (a half-written one is still a .tmp_ directory and never listed)."""
+    return sorted((out / "ckpt").glob("step_*"), reverse=True)
 
 
 def barrier(d: Dist) -> None:
@@ -607,8 +688,11 @@ def full_weights(model):
 class MetricsLog:
     """metrics.jsonl always; TensorBoard and W&B when asked for. Rank 0 only."""
 
-    def __init__(self, out: Path, cfg: TrainConfig, enabled: bool):
+    def __init__(self, out: Path, cfg: TrainConfig, enabled: bool, resumed_at: int | None = None):
         self.enabled, self.path = enabled, out / "metrics.jsonl"
+        self.rows = self._read(resumed_at) if resumed_at is not None and self.path.is_file() else []
+        if enabled and resumed_at is not None:   # steps after the checkpoint run again: their old rows go
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
         self.tb = self.wandb = None
         if enabled and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -617,10 +701,26 @@ class MetricsLog:
             import wandb
             self.wandb = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg), dir=str(out))
 
+    def _read(self, through_step: int) -> list[dict]:
+        """The rows up to `through_step`; a torn line (a full disk, a kill mid-write) ends the readable part."""
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if row["step"] <= through_step:
+                rows.append(row)
+        return rows
+
+    def has(self, step: int, key: str) -> bool:
+        return any(row["step"] == step and key in row for row in self.rows)
+
     def write(self, step: int, metrics: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self.rows.append({"step": step, **clean})
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
         if self.tb:
@@ -656,19 +756,26 @@ def rollout_metrics(trajs: Sequence[TrajSummary | Trajectory], local: Sequence[T
 # ---------------------------------------------------------------------------------------------------------------------
 
 def prepare_inputs(cfg: TrainConfig, out: Path, d: Dist) -> tuple[str, list[data.Task]]:
-    """Resolve the model path and the tasks. The tiny preset builds its model and synthetic tasks on rank 0."""
+    """Resolve the model path and the tasks, checking both before any work. Only the tiny preset with an empty flag
+    makes its own (a tiny model, synthetic tasks), and only under OUTPUT_DIR: a mistyped path is an error, never a
+    reason to write into someone else's directory."""
     model_path, data_path = cfg.model, cfg.data
     if cfg.preset == "tiny":
         model_path = model_path or str(out / "model")
         data_path = data_path or str(out / "data" / "tasks.json")
-        if d.main and not Path(model_path, "config.json").exists():
+        if d.main and not cfg.model and not Path(model_path, "config.json").exists():
             models.build_tiny(model_path, seed=cfg.seed, size="test")
-        if d.main and not Path(data_path).exists():
+        if d.main and not cfg.data and not Path(data_path).exists():
             data.generate_image_tasks(64, seed=cfg.seed + 1000, out_dir=Path(data_path).parent)
-        if d.world > 1:
-            dist.barrier()
+        barrier(d)
     if not model_path or not data_path:
         raise SystemExit("--model and --data are required outside the tiny preset")
+    # a local path must be a model directory; anything else that does not exist is taken for a hub name
+    if Path(model_path).exists() and not Path(model_path, "config.json").is_file():
+        raise SystemExit(f"--model {model_path}: not a model directory (no config.json); a training checkpoint "
+                         "(ckpt/step_N) is resumed with --resume, the final model is OUTPUT_DIR/final")
+    if not Path(data_path).is_file():
+        raise SystemExit(f"--data {data_path}: no such file")
     tasks, _ = data.load_tasks(data_path)
     return model_path, tasks
 
@@ -688,6 +795,7 @@ class Run:
     extra: dict                            # carried across resumes: the first step's tool calls (collapse alarm)
     rollout_cfg: rollout.RolloutConfig
     ofr_cfg: ofr.OFRConfig
+    judge: reward.Judge | None             # judged data sources only
 
 
 def setup(cfg: TrainConfig, d: Dist, out: Path) -> Run:
@@ -695,7 +803,8 @@ def setup(cfg: TrainConfig, d: Dist, out: Path) -> Run:
     np.random.seed(cfg.seed + d.rank)
     torch.manual_seed(cfg.seed + d.rank)
     model_path, tasks = prepare_inputs(cfg, out, d)
-    reward.check_routable(((t.data_source, t.ability) for t in tasks), None)   # fail now, not mid-step
+    judge = reward.Judge(base_url=cfg.judge_url, model=cfg.judge_model, on_failure="mask") if cfg.judge_url else None
+    reward.check_routable(((t.data_source, t.ability) for t in tasks), judge)   # fail now, not mid-step
     # the master weights are float32 whatever the compute dtype: at lr 1e-6 almost every AdamW update of a bfloat16
     # weight would round away. The image bounds set here are the ones rollouts (vLLM included) and evaluation use.
     model, processor = models.load_policy(model_path, dtype="float32", device=str(d.device),
@@ -711,18 +820,18 @@ def setup(cfg: TrainConfig, d: Dist, out: Path) -> Run:
     replica = None
     if engine_has_own_weights and cfg.engine == "hf":
         replica = copy.deepcopy(model).to(models.resolve_dtype(cfg.dtype)).eval()
-    resume_from = latest_checkpoint(out) if cfg.resume else None
     train_model = wrap_model(model, cfg, d)     # before the optimiser: FSDP2 replaces the parameters by shards
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    stream, start_step, extra = PromptStream(tasks, cfg.seed), 0, {"first_tool_calls": None}
-    if resume_from:
-        meta = load_checkpoint(resume_from, train_model, optimizer, d)
+    stream, start_step, extra, meta = PromptStream(tasks, cfg.seed), 0, {"first_tool_calls": None}, None
+    if cfg.resume:
+        meta = resume(out, train_model, optimizer, d)
+    if meta:
         stream = PromptStream(tasks, cfg.seed, **meta["stream"])
         start_step, extra = meta["step"], {"first_tool_calls": meta.get("first_tool_calls")}
     # an engine with its own weights (vLLM, the replica) starts from MODEL: on a resume it gets the resumed ones now
     engine = make_train_engine(cfg, model if replica is None else replica, processor, model_path, d.rank)
-    if resume_from and engine_has_own_weights:
+    if meta and engine_has_own_weights:
         engine.sync_weights(full_weights(train_model))
     rollout_cfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
                                         max_turn_tokens=cfg.max_turn_tokens, on_error=cfg.on_error,
@@ -732,7 +841,7 @@ def setup(cfg: TrainConfig, d: Dist, out: Path) -> Run:
                             std_sort=cfg.std_sort, std_norm=cfg.std_norm, whole_groups=cfg.whole_groups,
                             adv_timing=cfg.adv_timing, require_image=cfg.require_image)
     return Run(model, train_model, ref_model, processor, optimizer, engine, engine_has_own_weights, stream, start_step,
-               extra, rollout_cfg, ofr_cfg)
+               extra, rollout_cfg, ofr_cfg, judge)
 
 
 class GroupSampler:
@@ -753,7 +862,7 @@ class GroupSampler:
                                 run.rollout_cfg, n=cfg.group_size)
         for t in trajs:                                              # group id = the prompt's place in the batch
             t.group_id = mine[t.group_id]
-        rollout.score_trajectories(trajs, run.processor, cfg.tool_coef)
+        rollout.score_trajectories(trajs, run.processor, cfg.tool_coef, judge=run.judge)
         local = [TrajSummary(t.group_id, t.reward, t.correct, t.end_reason, t.num_tool_calls, t.num_returned_images,
                              t.vision_consistent, t.sample_index, d.rank, len(self.local) + k)
                  for k, t in enumerate(trajs)]
@@ -767,6 +876,14 @@ class GroupSampler:
     def kept_here(self, result: ofr.OFRResult) -> list[tuple[Trajectory, float]]:
         return [(self.local[s.local_index], float(a)) for s, a in zip(result.trajectories, result.advantages)
                 if s.rank == self.d.rank]
+
+    def viewer_groups(self, result: ofr.OFRResult, groups: int) -> tuple[list[Trajectory], dict, set]:
+        """This rank's first `groups` groups of the step's first generation batch, with the advantage of each kept
+        trajectory and the set kept, keyed by (group_id, sample_index) as write_html takes them."""
+        shown = self.local[:groups * self.cfg.group_size]
+        kept = {id(t): a for t, a in self.kept_here(result)}
+        advantages = {(t.group_id, t.sample_index): kept[id(t)] for t in shown if id(t) in kept}
+        return shown, advantages, set(advantages)
 
 
 def step_metrics(sampler: GroupSampler, result: ofr.OFRResult, upd: UpdateStats, seconds: dict) -> dict:
@@ -790,14 +907,21 @@ def collapse_alarm(metrics: dict, run: Run, cfg: TrainConfig) -> bool:
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(argv)
     d = init_distributed(cfg.dist_timeout_min, one_process_group=cfg.parallel == "fsdp2")
+    if d.device.type == "cpu":
+        set_cpu_threads()
     out = Path(cfg.output_dir)
+    if not cfg.resume and ((out / "metrics.jsonl").exists() or checkpoints(out)):
+        raise SystemExit(f"--output-dir {out} holds a run already: --resume continues it, or choose another directory")
     out.mkdir(parents=True, exist_ok=True)
     if d.main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     run = setup(cfg, d, out)
-    log = MetricsLog(out, cfg, d.main)
+    log = MetricsLog(out, cfg, d.main, resumed_at=run.start_step if cfg.resume else None)
     from sandbox import SandboxPool
     with SandboxPool(timeout=cfg.tool_timeout_s) as sandboxes:
+        # an evaluation due at the resumed checkpoint that a stop interrupted runs now
+        if eval_due(cfg, run.start_step) and not all_gather_objects(log.has(run.start_step, "eval/accuracy"), d)[0]:
+            periodic_eval(cfg, run, out, run.start_step, log, d)
         for step in tqdm(range(run.start_step, cfg.max_steps), initial=run.start_step, total=cfg.max_steps,
                          disable=not d.main, desc="RL steps"):
             t_step = time.perf_counter()
@@ -813,9 +937,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             run.model.train()
             t0 = time.perf_counter()
             upd = UpdateStats()
-            if result.trajectories:   # nothing survived OFR within the draw cap: skip the update (logged)
+            if result.trajectories:
                 upd = update(run.train_model, run.optimizer, [t for t, _ in kept], [a for _, a in kept], cfg,
                              run.processor, d, run.ref_model, spare=sampler.local[0])
+            elif d.main and not run.extra.get("told_why_nothing_survived"):   # skipped update: say why, once
+                run.extra["told_why_nothing_survived"] = True
+                tqdm.write(nothing_survived_note(result.stats, cfg))
             update_s = time.perf_counter() - t0
 
             # 3) new weights to the rollout engine (vLLM wakes up inside: cache freed, weights, sync, KV cache)
@@ -832,13 +959,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                            f"calls/trajectory, {run.extra['first_tool_calls']:.2f} at the start")
             log.write(step + 1, metrics)
             if d.main and cfg.html_every and (step + 1) % cfg.html_every == 0:
-                rollout.write_html(sampler.local[:8], out / "html" / f"step_{step + 1:06d}.html")
+                shown, advantages, kept_keys = sampler.viewer_groups(result, groups=2)
+                rollout.write_html(shown, out / "html" / f"step_{step + 1:06d}.html", f"RL step {step + 1}",
+                                   advantages=advantages, kept=kept_keys)
 
             # 5) checkpoint and evaluate
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
                 save_checkpoint(out, step + 1, run.train_model, run.optimizer, run.stream, run.extra, d,
                                 cfg.keep_checkpoints)
-            if cfg.eval_every and cfg.eval_data and (step + 1) % cfg.eval_every == 0:
+            if eval_due(cfg, step + 1):
                 periodic_eval(cfg, run, out, step + 1, log, d)
 
     export_model(run.train_model, run.processor, out / "final", cfg.dtype, d)
@@ -847,6 +976,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         # at exit ("terminate called without an active exception", seen once in CI), so the ranks leave together
         barrier(d)
         dist.destroy_process_group()
+
+
+def eval_due(cfg: TrainConfig, step: int) -> bool:
+    return bool(cfg.eval_every and cfg.eval_data and step and step % cfg.eval_every == 0)
+
+
+def nothing_survived_note(stats: ofr.OFRStats, cfg: TrainConfig) -> str:
+    """Why a step trained on nothing, in words: almost always every group had equal rewards."""
+    note = (f"nothing survived OFR in {stats.draws} generation batches (removed: {stats.removed}), so this update "
+            "is skipped. A group teaches GRPO only when its rewards differ; ")
+    if cfg.preset == "tiny" and not cfg.model and cfg.engine != "scripted":
+        return note + ("the tiny preset's model has random weights and never answers right. For a one-minute run "
+                       "that learns: python train.py --preset tiny --engine scripted --max-steps 5 --output-dir "
+                       "runs/tiny-rl (README: Quickstart), or start from a cold start (make demo).")
+    return note + "check that the policy sometimes answers right (acc/mean) and not always (too easy tasks)."
 
 
 def make_train_engine(cfg: TrainConfig, model, processor, model_path: str, rank: int = 0):

@@ -106,13 +106,17 @@ def test_ppo_loss_clipping_and_dual_clip():
     assert torch.allclose(neg, torch.tensor([[1.5, 0.8, 3.0]]))         # floor 0.8; dual clip caps at c = 3
 
 
-def run_train(out, *extra, ranks=1, steps=1, preset="tiny"):
+def train_process(out, *extra, ranks=1, steps=1, preset="tiny") -> subprocess.CompletedProcess:
     args = ["train.py", "--preset", preset, "--engine", "scripted", "--max-steps", str(steps), "--output-dir", str(out),
             "--lr", "1e-3", "--save-every", "1", "--html-every", "0", *extra]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, *args] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_train(out, *extra, ranks=1, steps=1, preset="tiny"):
+    proc = train_process(out, *extra, ranks=ranks, steps=steps, preset=preset)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -261,7 +265,42 @@ def test_resume_continues_exactly(tmp_path, tiny_dir, image_tasks_dir):
     assert [m["step"] for m in resumed] == [1, 2, 3]
     for key in ("reward/mean", "loss/policy", "grad/norm", "ofr/trajectories_kept", "tool/calls_mean"):
         assert resumed[2][key] == straight[2][key], key
-    # a half-written checkpoint is never picked up: only complete step_* directories count
-    (tmp_path / "resumed" / "ckpt" / ".tmp_step_000009").mkdir()
-    assert train.latest_checkpoint(tmp_path / "resumed").name == "step_000003"
+
+
+def test_resume_falls_back_from_a_corrupt_checkpoint_and_cuts_the_log_back(tmp_path, tiny_dir, image_tasks_dir):
+    """After a stop that left a half-written checkpoint (.tmp_), a corrupt newest one and a torn metrics line: the
+    resume names the corrupt checkpoint, continues from the one before, re-runs the lost step exactly, and the log
+    holds each step once."""
+    common = ["--model", str(tiny_dir), "--data", str(image_tasks_dir / "tasks.json")]
+    run_dir = tmp_path / "run"
+    straight = run_train(run_dir, *common, steps=3)
+    (run_dir / "ckpt" / ".tmp_step_000009").mkdir()
+    for shard in (run_dir / "ckpt" / "step_000003" / "shards").glob("*.distcp"):
+        shard.write_bytes(b"\0" * 64)
+    with (run_dir / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 4, "reward/me')
+    proc = train_process(run_dir, *common, "--resume", steps=3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step_000003 cannot be loaded" in proc.stdout and "falling back to step_000002" in proc.stdout
+    resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    assert resumed[2]["loss/policy"] == straight[2]["loss/policy"]
+    # a corrupt checkpoint with nothing older to fall back to stops the run, naming it
+    for old in (run_dir / "ckpt").glob("step_*"):
+        for shard in (old / "shards").glob("*.distcp"):
+            shard.write_bytes(b"\0" * 64)
+    proc = train_process(run_dir, *common, "--resume", steps=4)
+    assert proc.returncode != 0 and "no checkpoint in" in proc.stderr and "step_00000" in proc.stderr
+
+
+def test_an_eval_interrupted_after_its_checkpoint_runs_on_resume(tmp_path, tiny_dir, image_tasks_dir):
+    tasks = str(image_tasks_dir / "tasks.json")
+    common = ["--model", str(tiny_dir), "--data", tasks, "--eval-every", "2", "--eval-data", tasks]
+    run_dir = tmp_path / "run"
+    run_train(run_dir, *common, steps=2)
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert "eval/accuracy" in rows[-1]
+    (run_dir / "metrics.jsonl").write_text("\n".join(rows[:-1]) + "\n")    # stopped after the checkpoint, before eval
+    resumed = run_train(run_dir, *common, "--resume", steps=2)
+    assert [m["step"] for m in resumed] == [1, 2, 2] and "eval/accuracy" in resumed[-1]
 
