@@ -11,6 +11,9 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install test demo ablations clean
+# a stage that fails leaves no target behind, so a rerun redoes it (the scripts write their directories whole or not
+# at all; this covers the files make itself names)
+.DELETE_ON_ERROR:
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -52,6 +52,7 @@ import argparse
 import json
 import os
 import random
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -200,6 +201,21 @@ def load_tasks(path: str | Path, on_error: Literal["raise", "skip"] = "raise",
                 raise
             bad.append(BadRow(e.file, e.row, e.field, e.problem))
     return tasks, bad
+
+
+def load_readable_tasks(path: str | Path, out_dir: str | Path) -> tuple[list[Task], list[BadRow]]:
+    """How train.py and eval.py both read their tasks: a row that is not a task (a missing field, missing media) is
+    skipped, listed in OUT_DIR/bad_rows.json with its file, row, field and problem, and counted on stderr; a file with
+    no readable task at all stops the run before any work."""
+    tasks, bad_rows = load_tasks(path, on_error="skip")
+    if bad_rows:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "bad_rows.json").write_text(json.dumps([asdict(b) for b in bad_rows], indent=1))
+        print(f"{len(bad_rows)} unreadable rows in {path} skipped (see {Path(out_dir) / 'bad_rows.json'}); "
+              f"first: {bad_rows[0]}", file=sys.stderr)
+    if not tasks:
+        raise SystemExit(f"no readable task in {path}")
+    return tasks, bad_rows
 
 
 def write_tasks(tasks: list[Task], path: str | Path) -> None:

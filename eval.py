@@ -419,8 +419,10 @@ def make_judge(cfg: EvalConfig) -> reward.Judge | None:
     return reward.Judge(base_url=cfg.judge_url, model=cfg.judge_model, on_failure="mask") if cfg.judge_url else None
 
 
-def evaluate(tasks: Sequence[Task], engine, processor: VLProcessor, cfg: EvalConfig, out_dir: str | Path) -> dict:
-    """Run `cfg.samples` samples of every task, resuming from `out_dir/samples.jsonl`; write and return results.json."""
+def evaluate(tasks: Sequence[Task], engine, processor: VLProcessor, cfg: EvalConfig, out_dir: str | Path,
+             dropped_rows: Sequence[data.BadRow] = ()) -> dict:
+    """Run `cfg.samples` samples of every task, resuming from `out_dir/samples.jsonl`; write and return results.json.
+    `dropped_rows` (rows of the data file that are not tasks) are listed in results.json and results.md."""
     from sandbox import SandboxPool   # the sandbox starts worker processes: import it only when evaluating
 
     out = Path(out_dir)
@@ -463,7 +465,8 @@ def evaluate(tasks: Sequence[Task], engine, processor: VLProcessor, cfg: EvalCon
             progress.update(len(records))
 
     records = [done[(t.id, k)] for t in tasks for k in range(cfg.samples)]
-    results = summarize(records, cfg.samples) | {"config": dataclasses.asdict(cfg)}
+    results = summarize(records, cfg.samples) | {"config": dataclasses.asdict(cfg),
+                                                  "dropped_rows": [dataclasses.asdict(b) for b in dropped_rows]}
     # alternate correct and not correct, so the viewer shows both when both exist
     viewer = [t for pair in itertools.zip_longest(shown[True], shown[False]) for t in pair if t is not None]
     write_reports(results, out, viewer[:cfg.html_samples], title=f"{cfg.engine} {cfg.model}".strip())
@@ -571,6 +574,10 @@ def results_markdown(results: dict, title: str) -> str:
     parts += ["## End reasons", "", _table(["end reason", "samples"], s["end_reasons"].items()), ""]
     if s["errors"]:
         parts += ["## Most frequent errors", "", _table(["error", "samples"], s["errors"].items()), ""]
+    dropped = results.get("dropped_rows", [])
+    if dropped:   # rows that never became tasks: not in any count above
+        reasons = Counter(f"field {row['field']!r}: {row['problem']}" for row in dropped)
+        parts += [f"## Rows dropped at load: {len(dropped)}", "", _table(["reason", "rows"], reasons.most_common(10)), ""]
     return "\n".join(parts)
 
 
@@ -1109,7 +1116,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         prepare_main(argv[1:])
         return None
     if argv[:1] == ["ablation-report"]:   # used by `make ablations`
-        print(ablation_report(argv[1] if len(argv) > 1 else "runs/ablations"))
+        sub = argparse.ArgumentParser(prog="eval.py ablation-report", description=ablation_report.__doc__)
+        sub.add_argument("root", nargs="?", default="runs/ablations", help="the ablation runs' directory")
+        print(ablation_report(sub.parse_args(argv[1:]).root))
         return None
     if argv[:1] == ["demo-summary"]:   # used by `make demo`
         sub = argparse.ArgumentParser(prog="eval.py demo-summary", description=demo_summary.__doc__)
@@ -1126,15 +1135,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         raise SystemExit("eval.py: --data is required (or --compare RUN_DIR ..., or the prepare subcommand)")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tasks, bad_rows = data.load_tasks(cfg.data, on_error="skip")
-    if bad_rows:   # rows that are not tasks at all (no id to key a sample by): listed beside the results
-        (out / "bad_rows.json").write_text(json.dumps([dataclasses.asdict(b) for b in bad_rows], indent=1))
-        print(f"eval.py: {len(bad_rows)} unreadable rows in {cfg.data} skipped (see {out / 'bad_rows.json'}); "
-              f"first: {bad_rows[0]}", file=sys.stderr)
-    if not tasks:
-        raise SystemExit(f"eval.py: no readable task in {cfg.data}")
+    tasks, bad_rows = data.load_readable_tasks(cfg.data, out)
     engine, processor = build_engine(cfg, out)
-    results = evaluate(tasks, engine, processor, cfg, out)
+    results = evaluate(tasks, engine, processor, cfg, out, dropped_rows=bad_rows)
     s = results["summary"]
     print(f"accuracy {_fmt(s['accuracy'])} over {s['n_scored']} samples ({s['n_errors']} errors), "
           f"avg@{s['k']} {_fmt(s['avg_at_k'])}, tool calls {_fmt(s['tool_calls_mean'])}, "

@@ -776,7 +776,7 @@ def prepare_inputs(cfg: TrainConfig, out: Path, d: Dist) -> tuple[str, list[data
                          "(ckpt/step_N) is resumed with --resume, the final model is OUTPUT_DIR/final")
     if not Path(data_path).is_file():
         raise SystemExit(f"--data {data_path}: no such file")
-    tasks, _ = data.load_tasks(data_path)
+    tasks, _ = data.load_readable_tasks(data_path, out)
     return model_path, tasks
 
 

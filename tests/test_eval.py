@@ -80,9 +80,15 @@ def test_scripted_expert_scores_100_percent_through_evaluate(expert_run, image_t
 
 
 def test_cli_scripted_expert_writes_results(tmp_path, tiny_dir, image_tasks_dir):
+    """The command line end to end; a row that is not a task (its image is missing) is dropped at load and reported
+    in results.json and results.md, not silently lost."""
+    rows = json.loads((image_tasks_dir / "tasks.json").read_text())
+    rows = [{**row, "image_path": str(image_tasks_dir / row["image_path"])} for row in rows]
+    rows.append({**rows[0], "id": "lost", "image_path": str(tmp_path / "missing.png")})
+    (tmp_path / "tasks.json").write_text(json.dumps(rows))
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, "eval.py", "--engine", "scripted", "--model", str(tiny_dir),
-                           "--data", str(image_tasks_dir / "tasks.json"), "--output-dir", str(out), "--max-turns", "3"],
+                           "--data", str(tmp_path / "tasks.json"), "--output-dir", str(out), "--max-turns", "3"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -90,6 +96,14 @@ def test_cli_scripted_expert_writes_results(tmp_path, tiny_dir, image_tasks_dir)
     assert results["summary"]["accuracy"] == 1.0 and results["per_source"]["synthetic_image"]["accuracy"] == 1.0
     assert results["config"]["max_turns"] == 3 and len(results["samples"]) == 12
     assert "accuracy 1.000" in proc.stdout
+    assert [row["row"] for row in results["dropped_rows"]] == [12]
+    assert "Rows dropped at load: 1" in (out / "results.md").read_text()
+
+
+def test_ablation_report_has_help():
+    proc = subprocess.run([sys.executable, "eval.py", "ablation-report", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "usage: eval.py ablation-report" in proc.stdout
 
 
 def test_resume_runs_only_the_missing_samples(tmp_path, image_tasks, processor):

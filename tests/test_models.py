@@ -1,5 +1,8 @@
 """models.py: the tiny checkpoint builds deterministically, loads like any checkpoint, trains and generates with images;
 the torchvision-free processor matches the official Qwen2.5-VL processor."""
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -155,3 +158,32 @@ def test_copy_pretraining_learns_on_copied_tokens(tiny_dir, tmp_path):
     assert log[0]["step"] == 1 and log[-1]["step"] == 40
     assert log[-1]["loss"] < 0.6 * log[0]["loss"]
     assert all(torch.equal(v, model.model.visual.state_dict()[k]) for k, v in vision_before.items())  # text only
+
+
+def test_a_build_killed_midway_leaves_no_model_directory(tmp_path):
+    """kill -9 during copy pretraining (config and random weights already written): the model directory does not
+    exist, so no later stage trains on random weights; a rerun starts clean. An existing directory is never written
+    into."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "model"
+    proc = subprocess.Popen([sys.executable, "models.py", "tiny", "--out", str(out), "--size", "demo"],
+                            cwd=Path(models.__file__).parent, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / ".tmp_model" / "model.safetensors").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the build finished before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="refusing to write into it"):
+        models.build_tiny(out, size="test")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

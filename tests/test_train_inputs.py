@@ -114,3 +114,15 @@ def test_cpu_threads_leave_busy_cores_and_other_ranks_alone(monkeypatch):
         assert train.set_cpu_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_rows_that_are_not_tasks_are_skipped_and_listed_as_eval_does(tmp_path, tiny_dir, image_tasks_dir):
+    rows = json.loads((image_tasks_dir / "tasks.json").read_text())
+    rows = [{**row, "image_path": str(image_tasks_dir / row["image_path"])} for row in rows]
+    rows.append({**rows[0], "id": "lost", "image_path": str(tmp_path / "missing.png")})
+    (tmp_path / "tasks.json").write_text(json.dumps(rows))
+    proc = run("--model", str(tiny_dir), "--data", str(tmp_path / "tasks.json"), "--engine", "scripted",
+               "--max-steps", "1", "--html-every", "0", "--output-dir", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 unreadable rows" in proc.stderr
+    assert [row["row"] for row in json.loads((tmp_path / "out" / "bad_rows.json").read_text())] == [12]
