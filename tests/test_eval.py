@@ -3,13 +3,11 @@ command line, benchmark protocol settings and the benchmark converters (on fixtu
 import base64
 import csv
 import dataclasses
-import http.server
 import io
 import json
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -228,25 +226,7 @@ def test_video_tasks_through_evaluate(tmp_path, processor):
         assert (record["visual_tokens"] > 0) == (record["returned_images"] > 0)
 
 
-class _StubJudge(http.server.BaseHTTPRequestHandler):
-    """An OpenAI-style chat endpoint that judges like an exact-match judge: 1 when the model answer is the standard one."""
-
-    def do_POST(self):
-        prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
-        item = prompt.rsplit("[Question]:", 1)[1]
-        standard = item.split("[Standard Answer]: ")[1].split("\n")[0]
-        model_answer = item.split("[Model_answer] : ")[1].split("\n")[0]
-        body = json.dumps({"choices": [{"message": {"content": f"Judgement: {int(standard == model_answer)}"}}]})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(body.encode())
-
-    def log_message(self, *args):
-        pass
-
-
-def test_judged_benchmark_source_goes_through_the_judge(tmp_path, processor):
+def test_judged_benchmark_source_goes_through_the_judge(tmp_path, processor, exact_match_judge):
     fixture_vstar(tmp_path / "src")
     path, _ = evaluation.prepare("vstar", tmp_path / "src", tmp_path / "data")
     task = data.load_tasks(path)[0][0]
@@ -256,14 +236,8 @@ def test_judged_benchmark_source_goes_through_the_judge(tmp_path, processor):
     cfg = EvalConfig(engine="scripted")
     blocked = evaluation.evaluate([task], CountingExpert(processor), processor, cfg, tmp_path / "no_judge")
     assert blocked["summary"]["n_errors"] == 1 and "no judge is configured" in blocked["samples"][0]["error"]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubJudge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        cfg = EvalConfig(engine="scripted", judge_url=f"http://127.0.0.1:{server.server_address[1]}/v1")
-        results = evaluation.evaluate([task, wrong], CountingExpert(processor), processor, cfg, tmp_path / "judged")
-    finally:
-        server.shutdown()
-        server.server_close()
+    cfg = EvalConfig(engine="scripted", judge_url=exact_match_judge)
+    results = evaluation.evaluate([task, wrong], CountingExpert(processor), processor, cfg, tmp_path / "judged")
     by_id = {r["task_id"]: r for r in results["samples"]}
     assert by_id[task.id]["acc"] == 1.0 and by_id[task.id]["verifier"] == "judge"
     assert by_id[wrong.id]["acc"] == 0.0 and results["per_source"]["vstar"]["accuracy"] == 0.5

@@ -126,3 +126,19 @@ def test_rows_that_are_not_tasks_are_skipped_and_listed_as_eval_does(tmp_path, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 unreadable rows" in proc.stderr
     assert [row["row"] for row in json.loads((tmp_path / "out" / "bad_rows.json").read_text())] == [12]
+
+
+def test_judged_training_data_needs_and_uses_the_judge_url(tmp_path, tiny_dir, image_tasks_dir, exact_match_judge):
+    """A judged data source (here the synthetic tasks relabelled as V*) stops at start-up without --judge-url, naming
+    the source, and trains with it: every trajectory's answer goes to the judge."""
+    rows = json.loads((image_tasks_dir / "tasks.json").read_text())
+    rows = [{**row, "image_path": str(image_tasks_dir / row["image_path"]), "data_source": "vstar"} for row in rows]
+    (tmp_path / "tasks.json").write_text(json.dumps(rows))
+    common = ["--model", str(tiny_dir), "--data", str(tmp_path / "tasks.json"), "--engine", "scripted",
+              "--max-steps", "1", "--html-every", "0"]
+    proc = run(*common, "--output-dir", str(tmp_path / "no_judge"))
+    assert proc.returncode != 0 and "'vstar' is scored by the LLM judge, but no judge is configured" in proc.stderr
+    proc = run(*common, "--judge-url", exact_match_judge, "--output-dir", str(tmp_path / "judged"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "judged" / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["reward/masked_frac"] == 0.0 and 0.0 < metrics["acc/mean"] < 1.0
