@@ -39,7 +39,7 @@ demo: $(DEMO)/summary.json
 	@cat $(DEMO)/summary.md
 
 $(DEMO)/model/config.json: | $(STAMP)
-	$(call timed,model,$(PY) models.py tiny --out $(DEMO)/model --size demo)
+	$(call timed,model,$(PY) tiny.py --out $(DEMO)/model --size demo)
 
 $(DEMO)/data/train/tasks.json: | $(STAMP)
 	$(call timed,data_train,$(PY) data.py --kind image --n 512 --seed 1 --out $(DEMO)/data/train)

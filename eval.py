@@ -92,6 +92,7 @@ import data
 import models
 import reward
 import rollout
+import tiny
 import train
 from data import DataError, Task
 from models import VLProcessor
@@ -760,8 +761,8 @@ def build_engine(cfg: EvalConfig, out_dir: Path):
         if cfg.engine != "scripted":
             raise ValueError(f"--engine {cfg.engine} needs --model (a checkpoint name or path)")
         # the expert writes text, but the loop still needs a tokenizer and an image processor: a tiny one does
-        tiny = out_dir / "tiny_model"
-        model_path = str(tiny if (tiny / "config.json").is_file() else models.build_tiny(tiny))
+        tiny_dir = out_dir / "tiny_model"
+        model_path = str(tiny_dir if (tiny_dir / "config.json").is_file() else tiny.build_tiny(tiny_dir))
     processor = VLProcessor.from_pretrained(model_path, **pixels)
     if cfg.engine == "scripted":
         return rollout.make_engine("scripted", processor=processor, seed=cfg.seed), processor

@@ -76,6 +76,7 @@ import models
 import ofr
 import reward
 import rollout
+import tiny
 from rollout import Trajectory
 
 
@@ -764,7 +765,7 @@ def prepare_inputs(cfg: TrainConfig, out: Path, d: Dist) -> tuple[str, list[data
         model_path = model_path or str(out / "model")
         data_path = data_path or str(out / "data" / "tasks.json")
         if d.main and not cfg.model and not Path(model_path, "config.json").exists():
-            models.build_tiny(model_path, seed=cfg.seed, size="test")
+            tiny.build_tiny(model_path, seed=cfg.seed, size="test")
         if d.main and not cfg.data and not Path(data_path).exists():
             data.generate_image_tasks(64, seed=cfg.seed + 1000, out_dir=Path(data_path).parent)
         barrier(d)

@@ -71,6 +71,7 @@ def as_row(trajs) -> dict:
 def cycle_part(work: Path, args) -> tuple[dict, bool]:
     import models
     import rollout
+    import tiny
     import train
     import vllm_bench
     from sandbox import SandboxPool
@@ -78,7 +79,7 @@ def cycle_part(work: Path, args) -> tuple[dict, bool]:
     policy_dir = work / "copy_pretrained"
     shutil.copytree(work / "tiny", policy_dir)
     model, processor = models.load_policy(policy_dir, device="cuda")
-    models.pretrain_copying(model, processor, COPY_STEPS)
+    tiny.pretrain_copying(model, processor, COPY_STEPS)
     model.save_pretrained(policy_dir)
     del model
     cfg = train.parse_config(["--preset", "tiny", "--model", str(policy_dir), "--engine", "vllm", "--parallel", "fsdp2",
@@ -285,10 +286,10 @@ def main() -> None:
         return run_child(args)
 
     import data
-    import models
+    import tiny
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     print(f"{versions()}; logs in {work}", flush=True)
-    models.build_tiny(work / "tiny", size="test")
+    tiny.build_tiny(work / "tiny", size="test")
     data.generate_image_tasks(16, seed=0, out_dir=work / "tasks")
     background = {name: start(name, work, args) for name in args.parts if name in BACKGROUND}
     rows = []

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import models  # noqa: E402
+import tiny  # noqa: E402
 import rollout  # noqa: E402
 from sandbox import SandboxPool  # noqa: E402
 
@@ -46,12 +47,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=16, help="synthetic image tasks")
     parser.add_argument("--n", type=int, default=4, help="samples per task")
-    parser.add_argument("--size", default="test", choices=sorted(models.TINY_SIZES), help="tiny model size")
+    parser.add_argument("--size", default="test", choices=sorted(tiny.TINY_SIZES), help="tiny model size")
     parser.add_argument("--max-turn-tokens", type=int, default=96, help="hf engine: tokens per generation round")
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        model, processor = models.load_policy(models.build_tiny(Path(tmp) / "model", size=args.size))
+        model, processor = models.load_policy(tiny.build_tiny(Path(tmp) / "model", size=args.size))
         tasks = data.generate_image_tasks(args.tasks, seed=0, out_dir=Path(tmp) / "tasks")
         cfg = rollout.RolloutConfig(max_turns=3, max_turn_tokens=args.max_turn_tokens, max_response_tokens=2048)
         print(f"{args.tasks} tasks x {args.n} samples, tiny '{args.size}' model, torch threads {torch.get_num_threads()}")

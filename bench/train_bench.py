@@ -3,7 +3,7 @@ same single-turn update, plus our full RL step split into rollout and update (is
 
 The workload (identical for both frameworks)
     8 synthetic image tasks x 8 samples = 64 single-turn sequences with one image each, on the tiny "test" and "demo"
-    models (models.build_tiny). Prompt = the rollout's first user turn (rollout.start_trajectory, template "short";
+    models (tiny.build_tiny). Prompt = the rollout's first user turn (rollout.start_trajectory, template "short";
     200-370 tokens depending on the tokenizer, 54-64 of them image tokens). Completion = fixed token ids closed with
     <|im_end|>: even samples the scripted expert's code action (75-150 tokens), odd samples a direct <answer> (13-20).
     Reward = 1 for the direct answer, else 0, so every group has advantages +-0.5 (mean-centred, no std division: the
@@ -75,6 +75,7 @@ from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
 import models  # noqa: E402
+import tiny  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
 
@@ -344,7 +345,7 @@ def spread(xs: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=["test", "demo"], choices=sorted(models.TINY_SIZES),
+    parser.add_argument("--sizes", nargs="+", default=["test", "demo"], choices=sorted(tiny.TINY_SIZES),
                         help="tiny model sizes; the last one gives the final ratio line")
     parser.add_argument("--rounds", type=int, default=2, help="processes per (size, framework), run alternately")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimiser steps per process")
@@ -380,7 +381,7 @@ def main() -> None:
         workdir = Path(tmp)
         data.generate_image_tasks(GROUPS, seed=0, out_dir=workdir / "tasks")
         for size in args.sizes:
-            models.build_tiny(workdir / size / "model", seed=0, size=size)
+            tiny.build_tiny(workdir / size / "model", seed=0, size=size)
         for r in range(args.rounds):
             for size in args.sizes:
                 for framework in (frameworks if r % 2 == 0 else frameworks[::-1]):   # alternate who goes first

@@ -11,7 +11,7 @@ Qwen2.5-VL-7B at 1 fps)
       baseline) and at the model's default (qwen-vl-utils: 2 fps, at most 768 frames).
     Both under two processor geometries: Qwen2.5-VL-7B (patch 14, merge 2, temporal patch 2; tool images within
     [3136, 12845056] pixels as qwen-vl-utils' `fetch_image` defaults; video frames within qwen-vl-utils' video bounds,
-    [128, 768] x 28 x 28 pixels per frame) — the paper's setting — and the tiny test checkpoint (`models.build_tiny`,
+    [128, 768] x 28 x 28 pixels per frame) — the paper's setting — and the tiny test checkpoint (`tiny.build_tiny`,
     whose processor keeps its image bounds [56x56, 224x224] for video frames too). For the tiny checkpoint the full
     context is also put through its processor (`full_context_video_inputs`) and the pads are checked against the count.
     Decode cost: seconds per frame fetched by the on-demand code, against seconds per frame of the 1 fps full-context
@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data  # noqa: E402
 import models  # noqa: E402
+import tiny  # noqa: E402
 import video_context as vc  # noqa: E402
 
 
@@ -103,8 +104,8 @@ def pick_executor(requested: str, probe_task: data.Task) -> str:
         return "in-process"
 
 
-def measure(tasks: list[data.Task], executor: str, tiny: models.VLProcessor) -> tuple[list[Sample], dict]:
-    chosen = settings(tiny.geometry)
+def measure(tasks: list[data.Task], executor: str, tiny_processor: models.VLProcessor) -> tuple[list[Sample], dict]:
+    chosen = settings(tiny_processor.geometry)
     samples, full_sampling_seconds, full_sampled_frames, used = [], 0.0, 0, set()
     for task in tasks:
         local, text, images, source = run_on_demand(task, executor)
@@ -124,9 +125,9 @@ def measure(tasks: list[data.Task], executor: str, tiny: models.VLProcessor) -> 
         full_sampling_seconds += time.perf_counter() - started
         full_sampled_frames += len(frames)
         tiny_setting = chosen[1]
-        inputs = vc.full_context_video_inputs(tiny, task.question, frames,
+        inputs = vc.full_context_video_inputs(tiny_processor, task.question, frames,
                                               tiny_setting.at_1fps.sample_fps(meta.num_frames, meta.fps))
-        pads = int((inputs["input_ids"] == tiny.video_pad_id).sum())
+        pads = int((inputs["input_ids"] == tiny_processor.video_pad_id).sum())
         if pads != samples[-1].full_1fps[tiny_setting.name]:
             raise AssertionError(f"{task.id}: processor emitted {pads} video pads, accounting says "
                                  f"{samples[-1].full_1fps[tiny_setting.name]}")
@@ -185,10 +186,10 @@ def main() -> None:
         started = time.perf_counter()
         tasks = data.generate_video_tasks(args.n, args.seed, Path(tmp) / "tasks")
         print(f"generated {len(tasks)} video tasks in {time.perf_counter() - started:.1f} s")
-        tiny = models.VLProcessor.from_pretrained(models.build_tiny(Path(tmp) / "tiny", size="test"))
+        tiny_processor = models.VLProcessor.from_pretrained(tiny.build_tiny(Path(tmp) / "tiny", size="test"))
         executor = pick_executor(args.executor, tasks[0])
-        samples, timing = measure(tasks, executor, tiny)
-    ratio = report(samples, timing, [s.name for s in settings(tiny.geometry)])
+        samples, timing = measure(tasks, executor, tiny_processor)
+    ratio = report(samples, timing, [s.name for s in settings(tiny_processor.geometry)])
     print(f"on-demand / full-context (1 fps) visual tokens: {ratio:.3f}")
 
 

@@ -16,8 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    import models
-    return models.build_tiny(tmp_path_factory.mktemp("tiny"), seed=0, size="test")
+    import tiny
+    return tiny.build_tiny(tmp_path_factory.mktemp("tiny"), seed=0, size="test")
 
 
 @pytest.fixture(scope="session")
