@@ -4,7 +4,8 @@ What this file is
     * `group_advantages`: Â_i = R_i − mean_group(R) (paper Eq. 2), or (R_i − mean)/(std + eps) for the std-norm
       ablation (§10.4). `group_stds` gives each trajectory its group's std, the ranking key. Both use the official
       statistics: unbiased std (torch.std, ddof=1) and, for a group of one, mean 0 and std 1.
-    * `select`: filter and rank the trajectories of one or more generation batches ("draws"):
+    The pure steps of one RL step's OFR (train.py runs the loop, top-down, around them):
+    * `screen`: filter one generation batch ("draw"):
         1. reward_masked — a group holding a NaN reward (a judge failure under the mask policy, see reward.py) is
            dropped whole: its baseline is unknown.
         2. zero_variance — a group whose rewards are all equal is dropped whole (no learning signal). R includes the
@@ -13,12 +14,14 @@ What this file is
         4. vision_inconsistent — vision-token count ≠ image count (truncation cut an image).
         5. end_reason:<X> — end reasons outside `keep_end_reasons` (default: drop OVER_LENGTH, EXCEED_MAX_IMAGE_NUM and
            ENGINE_ERROR, a prompt the rollout engine refused; rollout.py).
-      The survivors are ranked by their group's reward std (over the full group), highest first, and cut to
-      `train_groups` whole groups — or, with `whole_groups=False`, to train_groups · group_size trajectories as the
-      official code does. Without `std_sort` the first ones in arrival order are kept.
-    * `OFRSampler`: calls `draw()` (one generation batch of complete groups) until enough groups survive, at most
-      `max_draws` times. At the cap it logs a warning and returns what survived — possibly nothing, in which case the
-      caller skips the update. It never raises for lack of data and never loops without bound.
+    * `enough`: whether the batches screened so far hold `train_groups` surviving groups; train.py draws another
+      batch until they do, at most `max_draws` times.
+    * `rank_and_cut`: the survivors of every screened batch are ranked by their group's reward std (over the full
+      group), highest first, and cut to `train_groups` whole groups — or, with `whole_groups=False`, to
+      train_groups · group_size trajectories as the official code does. Without `std_sort` the first ones in arrival
+      order are kept. Short of the target (the draw cap hit) it warns and returns what survived — possibly nothing,
+      in which case the caller skips the update; it never raises for lack of data.
+    * `select`: all three over a given list of batches.
     * `OFRStats`: draws, groups/trajectories drawn and kept, removals per reason, group-std spread, and the paper's
       Fig. 6 metric — the fraction of correct trajectories with a negative advantage — over kept and over all.
 
@@ -55,7 +58,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -189,7 +192,7 @@ class _Candidate:
 
 
 @dataclass
-class _Screened:
+class Screened:
     """One draw after filtering."""
     candidates: list[_Candidate]
     removed: Counter
@@ -238,7 +241,10 @@ class OFRResult:
 
 
 # ---------------------------------------------------------------- filtering (method.md §6, step 2.5)
-def _screen(batch: Sequence[Trajectory], draw: int, config: OFRConfig) -> _Screened:
+def screen(batch: Sequence[Trajectory], draw: int, config: OFRConfig) -> Screened:
+    """Filter one generation batch: zero-variance and masked groups out, then broken trajectories (step 2.5)."""
+    if not batch:
+        raise ValueError(f"draw {draw}: an empty generation batch")
     members = _group_members([trajectory.group_id for trajectory in batch])
     for group_id, positions in members.items():
         if len(positions) != config.group_size:
@@ -249,7 +255,7 @@ def _screen(batch: Sequence[Trajectory], draw: int, config: OFRConfig) -> _Scree
             raise ValueError(f"draw {draw}, trajectory {position}: unknown end_reason {trajectory.end_reason!r} "
                              f"(known: {sorted(END_REASONS)})")
 
-    screened = _Screened(candidates=[], removed=Counter(), groups=len(members), trajectories=len(batch), group_stds=[])
+    screened = Screened(candidates=[], removed=Counter(), groups=len(members), trajectories=len(batch), group_stds=[])
     for group_id, positions in members.items():
         rewards = np.array([batch[p].reward for p in positions], dtype=np.float64)   # (group_size,)
         if np.isnan(rewards).any():
@@ -294,6 +300,12 @@ def _by_group(candidates: list[_Candidate]) -> dict[tuple[int, Hashable], list[_
     return groups
 
 
+def enough(screened: Sequence[Screened], config: OFRConfig) -> bool:
+    """Whether the batches screened so far hold the training batch: `train_groups` surviving groups (or, with
+    whole_groups=False, train_groups · group_size trajectories)."""
+    return _enough([c for s in screened for c in s.candidates], config)
+
+
 def _enough(candidates: list[_Candidate], config: OFRConfig) -> bool:
     if config.whole_groups:
         return len(_by_group(candidates)) >= config.train_groups
@@ -318,7 +330,9 @@ def _spread(values: list[float]) -> tuple[float, float, float, float]:
     return float(array.mean()), float(array.std()), float(array.min()), float(array.max())
 
 
-def _finish(screened: list[_Screened], config: OFRConfig) -> OFRResult:
+def rank_and_cut(screened: Sequence[Screened], config: OFRConfig) -> OFRResult:
+    """Rank the survivors of every screened batch by group reward std and keep the training batch (step 3), with
+    their advantages and the step's statistics. Fewer survivors than the target: all of them, with a warning."""
     candidates = [c for s in screened for c in s.candidates]
     kept = _rank_and_cut(candidates, config)
     if config.adv_timing == "after_filter" and kept:
@@ -346,43 +360,17 @@ def _finish(screened: list[_Screened], config: OFRConfig) -> OFRResult:
                                     if kept_correct else math.nan),
         negative_correct_frac_all=sum(s.negative_correct for s in screened) / all_correct if all_correct else math.nan,
     )
+    if stats.cap_hit:
+        log.warning("OFR: draw cap reached (max_draws=%d): %d groups / %d trajectories survived filtering, target "
+                    "%d groups%s (removed: %s); training on what survived%s", config.max_draws,
+                    len(_by_group(candidates)), len(candidates), config.train_groups,
+                    "" if config.whole_groups else f" = {config.target_trajectories} trajectories",
+                    stats.removed, "" if kept else " — nothing survived, skip this update")
     return OFRResult(trajectories=[c.trajectory for c in kept], advantages=advantages,
                      kept=[(c.draw, c.position) for c in kept], stats=stats)
 
 
 def select(draws: Sequence[Sequence[Trajectory]], config: OFRConfig) -> OFRResult:
-    """Filter and rank the given generation batches (all of them; see `OFRSampler` for drawing on demand).
-    stats.cap_hit is True when they hold fewer survivors than the target."""
-    return _finish([_screen(batch, draw, config) for draw, batch in enumerate(draws)], config)
-
-
-class OFRSampler:
-    """Draws generation batches until `train_groups` groups (or, with whole_groups=False, train_groups · group_size
-    trajectories) survive filtering, at most `config.max_draws` times, then ranks and cuts.
-
-    `draw()` returns one generation batch: complete groups of `group_size` scored trajectories.
-    """
-
-    def __init__(self, draw: Callable[[], Sequence[Trajectory]], config: OFRConfig):
-        self.draw = draw
-        self.config = config
-
-    def sample(self) -> OFRResult:
-        screened: list[_Screened] = []
-        candidates: list[_Candidate] = []
-        for draw_index in range(self.config.max_draws):
-            batch = list(self.draw())
-            if not batch:
-                raise ValueError(f"draw() returned an empty generation batch (draw {draw_index})")
-            screened.append(_screen(batch, draw_index, self.config))
-            candidates.extend(screened[-1].candidates)
-            if _enough(candidates, self.config):
-                break
-        result = _finish(screened, self.config)
-        if result.stats.cap_hit:
-            log.warning("OFR: draw cap reached (max_draws=%d): %d groups / %d trajectories survived filtering, target "
-                        "%d groups%s (removed: %s); training on what survived%s", self.config.max_draws,
-                        len(_by_group(candidates)), len(candidates), self.config.train_groups,
-                        "" if self.config.whole_groups else f" = {self.config.target_trajectories} trajectories",
-                        result.stats.removed, "" if result.trajectories else " — nothing survived, skip this update")
-        return result
+    """Screen, rank and cut the given generation batches (all of them; train.py draws them one at a time until
+    `enough`). stats.cap_hit is True when they hold fewer survivors than the target."""
+    return rank_and_cut([screen(batch, draw, config) for draw, batch in enumerate(draws)], config)

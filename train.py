@@ -845,9 +845,20 @@ def setup(cfg: TrainConfig, d: Dist, out: Path) -> Run:
                extra, rollout_cfg, ofr_cfg, judge)
 
 
+def oversample_filter_rank(draw, config: ofr.OFRConfig) -> ofr.OFRResult:
+    """OFR (method.md §6): draw generation batches (`draw()`: roll out, score, gather) until enough groups survive
+    the filters, at most `max_draws` of them; then rank the survivors by group reward std and keep the top groups."""
+    screened = []
+    for draw_index in range(config.max_draws):
+        screened.append(ofr.screen(draw(), draw_index, config))   # zero-variance groups, broken trajectories out
+        if ofr.enough(screened, config):
+            break
+    return ofr.rank_and_cut(screened, config)
+
+
 class GroupSampler:
-    """One step's generation batches, as OFR's `draw()`: roll out this rank's share of the prompts, score them, and
-    gather every rank's summaries (in an order that does not depend on the number of ranks)."""
+    """One step's generation batches: `draw()` rolls out this rank's share of the prompts, scores them, and gathers
+    every rank's summaries (in an order that does not depend on the number of ranks) for OFR."""
 
     def __init__(self, cfg: TrainConfig, d: Dist, run: Run, sandboxes):
         self.cfg, self.d, self.run, self.sandboxes = cfg, d, run, sandboxes
@@ -929,7 +940,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             # 1) oversample -> roll out -> score; OFR filters and ranks over every rank's trajectories
             run.model.eval()
             sampler = GroupSampler(cfg, d, run, sandboxes)
-            result = ofr.OFRSampler(sampler.draw, run.ofr_cfg).sample()
+            result = oversample_filter_rank(sampler.draw, run.ofr_cfg)
             kept = sampler.kept_here(result)
 
             # 2) policy update on the kept trajectories (a colocated vLLM frees its GPU memory meanwhile)

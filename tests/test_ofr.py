@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ofr
-from ofr import OFRConfig, OFRSampler, group_advantages, group_stds, select
+from ofr import OFRConfig, group_advantages, group_stds, select
+from train import oversample_filter_rank
 
 
 @dataclass
@@ -194,7 +195,7 @@ def test_stats_as_log():
     assert all(isinstance(v, float) for v in logged.values())
 
 
-# ------------------------------------------------------------------ the sampler
+# ------------------------------------------------------------------ the draw loop (train.oversample_filter_rank)
 class Drawer:
     def __init__(self, batches):
         self.batches, self.calls = list(batches), 0
@@ -204,46 +205,46 @@ class Drawer:
         return self.batches.pop(0)
 
 
-def test_sampler_draws_until_enough_groups_survive():
+def test_draw_loop_draws_until_enough_groups_survive():
     drawer = Drawer([group(0, [0.0] * 4) + group(1, [1.0] * 4),                  # nothing survives
                      group(0, [1.0, 0.0, 0.0, 0.0]) + group(1, [1.0, 1.0, 0.0, 0.0]),
                      group(0, [1.0, 0.0, 1.0, 0.0])])                             # never drawn
-    result = OFRSampler(drawer, OFRConfig(train_groups=2, group_size=4, max_draws=5)).sample()
+    result = oversample_filter_rank(drawer, OFRConfig(train_groups=2, group_size=4, max_draws=5))
     assert drawer.calls == 2
     assert result.stats.draws == 2 and not result.stats.cap_hit
     assert result.kept[0][0] == 1 and len(result.trajectories) == 8
 
 
-def test_sampler_ranks_across_draws_and_keeps_same_ids_apart():
+def test_draw_loop_ranks_across_draws_and_keeps_same_ids_apart():
     drawer = Drawer([group(0, [1.0, 0.0, 0.0, 0.0]), group(0, [1.0, 1.0, 0.0, 0.0]), group(0, [1.0, 0.0, 0.0, 0.0])])
-    result = OFRSampler(drawer, OFRConfig(train_groups=2, group_size=4, max_draws=2)).sample()
+    result = oversample_filter_rank(drawer, OFRConfig(train_groups=2, group_size=4, max_draws=2))
     assert drawer.calls == 2
     # the second draw's group (std 0.577) outranks the first (std 0.5); both group_id 0, still two groups
     assert [draw for draw, _ in result.kept] == [1, 1, 1, 1, 0, 0, 0, 0]
     assert result.stats.groups_kept == 2
 
 
-def test_sampler_stops_at_cap_trains_on_what_it_has_and_says_so(caplog):
+def test_draw_loop_stops_at_cap_trains_on_what_it_has_and_says_so(caplog):
     drawer = Drawer([group(0, [1.0, 0.0, 0.0, 0.0])] + [group(0, [0.0] * 4)] * 10)
     with caplog.at_level(logging.WARNING, logger="ofr"):
-        result = OFRSampler(drawer, OFRConfig(train_groups=3, group_size=4, max_draws=4)).sample()
+        result = oversample_filter_rank(drawer, OFRConfig(train_groups=3, group_size=4, max_draws=4))
     assert drawer.calls == 4
     assert result.stats.cap_hit and len(result.trajectories) == 4
     assert "draw cap reached (max_draws=4)" in caplog.text and "training on what survived" in caplog.text
 
 
-def test_sampler_returns_empty_when_nothing_survives(caplog):
+def test_draw_loop_returns_empty_when_nothing_survives(caplog):
     drawer = Drawer([group(0, [0.0] * 4)] * 3)
     with caplog.at_level(logging.WARNING, logger="ofr"):
-        result = OFRSampler(drawer, OFRConfig(train_groups=1, group_size=4, max_draws=3)).sample()
+        result = oversample_filter_rank(drawer, OFRConfig(train_groups=1, group_size=4, max_draws=3))
     assert result.trajectories == [] and result.advantages.shape == (0,)
     assert math.isnan(result.stats.group_std_mean) and math.isnan(result.stats.negative_correct_frac_kept)
     assert "skip this update" in caplog.text
 
 
-def test_sampler_rejects_an_empty_draw():
-    with pytest.raises(ValueError, match="empty generation batch"):
-        OFRSampler(lambda: [], OFRConfig()).sample()
+def test_draw_loop_rejects_an_empty_draw():
+    with pytest.raises(ValueError, match="an empty generation batch"):
+        oversample_filter_rank(lambda: [], OFRConfig())
 
 
 # ------------------------------------------------------------------ properties
@@ -345,7 +346,7 @@ def test_trajectory_ranking_keeps_target_count_and_highest_stds(batches, train_g
 
 @settings(max_examples=100, deadline=None)
 @given(trajectory_draws(), st.integers(1, 4), st.integers(1, 3))
-def test_sampler_is_bounded_and_stops_once_enough(batches, train_groups, max_draws):
+def test_draw_loop_is_bounded_and_stops_once_enough(batches, train_groups, max_draws):
     source = iter(batches * max_draws)
     calls = []
 
@@ -354,7 +355,7 @@ def test_sampler_is_bounded_and_stops_once_enough(batches, train_groups, max_dra
         return next(source)
 
     config = OFRConfig(train_groups=train_groups, group_size=4, max_draws=max_draws)
-    result = OFRSampler(draw, config).sample()
+    result = oversample_filter_rank(draw, config)
     assert len(calls) == result.stats.draws <= max_draws
     if not result.stats.cap_hit:
         assert result.stats.groups_kept == train_groups
