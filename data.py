@@ -1,7 +1,7 @@
 """data.py — tasks: the official data formats, and synthetic tasks where the Python tool is genuinely needed.
 
 What this file is
-    A `Task` is one question about one image or one video with its reference answer (method.md §2.1, "Training data item
+    A `Task` is one question about one image or one video with its reference answer (docs/method.md §2.1, "Training data item
     format"). This file loads the two official JSON formats into `Task` records and generates seeded synthetic tasks for
     tests, the scripted expert, the SFT cold start and the CPU demo.
 
@@ -14,7 +14,7 @@ What this file is
 
 Synthetic image tasks
     The policy sees the image downscaled to its visual budget (`max_pixels`), while the sandbox holds it at full resolution
-    as `image_clue_0` (method.md §2.1, §3). Tool-requiring families put the answer in detail that the downscale destroys
+    as `image_clue_0` (docs/method.md §2.1, §3). Tool-requiring families put the answer in detail that the downscale destroys
     (the colour of a 3-pixel marker ringed by look-alike markers, counts of 3-pixel dots, which of two grey-looking patches
     is a 1-pixel checkerboard, the exact x coordinate of a single dot). Tool-free families (one large shape's colour, a count of
     large squares) are answerable from the downscaled view. Every task carries `solution_code`: short, templated Python a
@@ -27,7 +27,7 @@ Synthetic image tasks
 
 Synthetic video tasks
     PyVision-Video keeps the video out of the context: the prompt has only `video_context.video_info(path)`, the sandbox
-    holds the video as `video_clue_0` (method.md §2.1, §3). Each family's answer depends on a few specific moments: the
+    holds the video as `video_clue_0` (docs/method.md §2.1, §3). Each family's answer depends on a few specific moments: the
     colour of a ball at a given time, when a square first appears, how often a ball crosses a line, which of two squares
     moves first. 160x120, 8 fps, 10-30 s, H.264 mp4 written with PyAV (same seed, same bytes with the same PyAV build).
     Colours are saturated and blobs large so they survive yuv420p compression; the solution code classifies colours by

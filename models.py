@@ -1,7 +1,7 @@
 """models.py — the policy: a Qwen2.5-VL-family checkpoint and a processor that runs without torchvision.
 
 What this file is
-    PyVision-RL trains Qwen2.5-VL-7B (method.md §1, §8). Everything else in this project talks to the policy through
+    PyVision-RL trains Qwen2.5-VL-7B (docs/method.md §1, §8). Everything else in this project talks to the policy through
     two objects returned by `load_policy(name_or_path)`:
       * the model, an `AutoModelForImageTextToText` (Qwen2-VL, Qwen2.5-VL or Qwen3-VL);
       * a `VLProcessor`, which turns chat text plus images/video frames into `input_ids`, `attention_mask`,

@@ -1,4 +1,4 @@
-"""ofr.py — GRPO group advantages and Oversampling–Filtering–Ranking ("Standard Deviation Sorting")  (method.md §5, §6).
+"""ofr.py — GRPO group advantages and Oversampling–Filtering–Ranking ("Standard Deviation Sorting")  (docs/method.md §5, §6).
 
 What this file is
     * `group_advantages`: Â_i = R_i − mean_group(R) (paper Eq. 2), or (R_i − mean)/(std + eps) for the std-norm
@@ -44,7 +44,7 @@ Differences from the official code (ray_trainer.py:1818-1981, filter_fn_utils.py
        single surviving member then gets A = R by the official size-1 rule).
     4. The has-image filter is off by default. The official run turns it on (metric `hasimage`); it silently removes
        every trajectory that never received a figure — direct answers and text-only tool use — from the gradient,
-       positive or negative: an undocumented pressure against interaction collapse (method.md §6, §11.2).
+       positive or negative: an undocumented pressure against interaction collapse (docs/method.md §6, §11.2).
     5. Zero variance is tested as max(R) == min(R) (official: np.std == 0; the same groups, stated without relying
        on how the mean's rounding cancels).
     6. Hitting the draw cap is a warning, and training goes on with what survived (official: `max_num_gen_batches`
@@ -86,7 +86,7 @@ class Trajectory(Protocol):
     vision_consistent: bool
 
 
-# ---------------------------------------------------------------- group statistics (method.md §5)
+# ---------------------------------------------------------------- group statistics (docs/method.md §5)
 def _group_members(group_ids: Sequence[Hashable]) -> dict[Hashable, list[int]]:
     """Group id → member positions, groups in order of first appearance."""
     members: dict[Hashable, list[int]] = {}
@@ -240,7 +240,7 @@ class OFRResult:
     stats: OFRStats
 
 
-# ---------------------------------------------------------------- filtering (method.md §6, step 2.5)
+# ---------------------------------------------------------------- filtering (docs/method.md §6, step 2.5)
 def screen(batch: Sequence[Trajectory], draw: int, config: OFRConfig) -> Screened:
     """Filter one generation batch: zero-variance and masked groups out, then broken trajectories (step 2.5)."""
     if not batch:
@@ -292,7 +292,7 @@ def _broken_reason(trajectory: Trajectory, config: OFRConfig) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------- ranking (method.md §6, step 3)
+# ---------------------------------------------------------------- ranking (docs/method.md §6, step 3)
 def _by_group(candidates: list[_Candidate]) -> dict[tuple[int, Hashable], list[_Candidate]]:
     groups: dict[tuple[int, Hashable], list[_Candidate]] = {}
     for candidate in candidates:

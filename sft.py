@@ -1,4 +1,4 @@
-"""sft.py — the supervised cold start: teach the protocol on multi-turn tool-use trajectories (method.md §1, §8).
+"""sft.py — the supervised cold start: teach the protocol on multi-turn tool-use trajectories (docs/method.md §1, §8).
 
 What this file is
     PyVision-RL starts RL from an SFT checkpoint trained on GPT-4.1-written trajectories. Here the cold start trains on:
@@ -16,9 +16,9 @@ How to run
     torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data sft.json --dtype bfloat16 ...
 
 Differences from the official pipeline
-    * The official SFT code is not public (LLaMA-Factory style runs, method.md §8). In official-format data every
+    * The official SFT code is not public (LLaMA-Factory style runs, docs/method.md §8). In official-format data every
       assistant turn is closed with <|im_end|> (chat form), while RL actions before an observation are not
-      (method.md §11.9); expert trajectories use the RL layout, so both stages see the same token structure.
+      (docs/method.md §11.9); expert trajectories use the RL layout, so both stages see the same token structure.
 """
 from __future__ import annotations
 

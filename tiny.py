@@ -1,7 +1,7 @@
 """tiny.py — a tiny, offline Qwen2.5-VL that loads like a 7B checkpoint: what the tests and the CPU demo train.
 
 What this file is
-    PyVision-RL trains Qwen2.5-VL-7B (method.md §1, §8); no weights can be downloaded on the machines this project is
+    PyVision-RL trains Qwen2.5-VL-7B (docs/method.md §1, §8); no weights can be downloaded on the machines this project is
     tested on. `build_tiny(out_dir)` writes a deterministic, random-weight Qwen2.5-VL with an offline-trained byte-level
     BPE tokenizer (Qwen's special tokens and chat template, digits split as Qwen splits them) and Qwen's image
     processor, so everything downstream uses the very loading path (`models.load_policy`) a real checkpoint uses. The
@@ -65,7 +65,7 @@ TINY_SIZES = {
                      min_pixels=56 * 56, max_pixels=224 * 224, copy_steps=800),
 }
 
-# Strings the policy must write and read cheaply: the PyVision protocol (method.md §2) and the runtime's names.
+# Strings the policy must write and read cheaply: the PyVision protocol (docs/method.md §2) and the runtime's names.
 PROTOCOL_SNIPPETS = [
     "<code>\n```python\n", "\n```\n</code>", "<answer>\n\\boxed{", "}\n</answer>",
     "<tool_response>\n<interpreter>\nText Result:\n", "\nImage Result:\n", "</interpreter>\n\n</tool_response>",

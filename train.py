@@ -1,4 +1,4 @@
-"""train.py — GRPO with oversampling-filtering-ranking and the accumulative tool reward (method.md §5, §6, §12).
+"""train.py — GRPO with oversampling-filtering-ranking and the accumulative tool reward (docs/method.md §5, §6, §12).
 
 What this file is
     The training loop of PyVision-RL. One step:
@@ -450,7 +450,7 @@ def compute_context(cfg: TrainConfig, d: Dist):
 
 
 def ppo_token_loss(logp, old_logp, advantages, clip_low: float, clip_high: float, dual_clip: float):
-    """Per-token PPO-clip loss with dual-clip (method.md §5). logp, old_logp, advantages: (N,) or broadcastable."""
+    """Per-token PPO-clip loss with dual-clip (docs/method.md §5). logp, old_logp, advantages: (N,) or broadcastable."""
     ratio = torch.exp(logp - old_logp)                                              # (N,)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
@@ -846,7 +846,7 @@ def setup(cfg: TrainConfig, d: Dist, out: Path) -> Run:
 
 
 def oversample_filter_rank(draw, config: ofr.OFRConfig) -> ofr.OFRResult:
-    """OFR (method.md §6): draw generation batches (`draw()`: roll out, score, gather) until enough groups survive
+    """OFR (docs/method.md §6): draw generation batches (`draw()`: roll out, score, gather) until enough groups survive
     the filters, at most `max_draws` of them; then rank the survivors by group reward std and keep the top groups."""
     screened = []
     for draw_index in range(config.max_draws):

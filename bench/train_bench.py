@@ -1,5 +1,5 @@
 """bench/train_bench.py — GRPO update step time and peak memory: our `train.update` against TRL's `GRPOTrainer` on the
-same single-turn update, plus our full RL step split into rollout and update (issue: train.py; method.md §5, §12).
+same single-turn update, plus our full RL step split into rollout and update (issue: train.py; docs/method.md §5, §12).
 
 The workload (identical for both frameworks)
     8 synthetic image tasks x 8 samples = 64 single-turn sequences with one image each, on the tiny "test" and "demo"

@@ -1,6 +1,6 @@
 """bench/video_tokens.py — visual tokens of on-demand video context versus putting the video into the context.
 
-What it measures (method.md §9, Fig. 4: ~5K visual tokens per VSI-Bench sample for PyVision-Video, ~45K for
+What it measures (docs/method.md §9, Fig. 4: ~5K visual tokens per VSI-Bench sample for PyVision-Video, ~45K for
 Qwen2.5-VL-7B at 1 fps)
     On the synthetic video set (data.py), per sample:
     * on-demand: the task's solution code runs against `video_clue_0` — in sandbox.py when it works, else in this process
