@@ -48,8 +48,9 @@ Resuming
     unless `--fresh` discards the old samples.
 
 Differences from the paper / official code
-    * The official evaluation code (PyVision-RL-Eval) was not available; the question text of each converted benchmark
-      (how options are listed) is ours, and the judge is reward.Judge with our few-shot examples (reward.py).
+    * The official evaluation code (PyVision-RL-Eval) was not available. V* keeps its release's question line
+      verbatim and MATH-Vision lists options as its own prompt does; for the other benchmarks how options are listed
+      is ours. The judge is reward.Judge with our few-shot examples (reward.py).
     * Benchmark-specific scores that are not one accuracy are not reproduced: WeMath's four-dimensional metric, TIR-Bench's
       per-task rules (IoU, jigsaw) and its answer-extraction model; we report judged accuracy for those. TIR-Bench's
       two-image items are skipped by the converter (the image scaffold has one image).
@@ -775,12 +776,16 @@ def build_engine(cfg: EvalConfig, out_dir: Path):
 # Benchmark converters: public release files -> the official validation format
 # ---------------------------------------------------------------------------------------------------------------------
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a .json (list, or a mapping index -> row), .jsonl, .tsv (VLMEvalKit style) or .parquet file."""
+def read_keyed_rows(path: Path) -> list[tuple[str, dict]]:
+    """(key, row) pairs of a .json (list, or a mapping key -> row), .jsonl, .tsv (VLMEvalKit style) or .parquet file.
+    The key is the mapping's key (some releases keep the item id only there, e.g. DynaMath's GitHub files), else the
+    row's position."""
     suffix = path.suffix.lower()
+    keys = None
     if suffix == ".json":
         rows = json.loads(path.read_text(encoding="utf-8"))
-        rows = list(rows.values()) if isinstance(rows, dict) else rows
+        if isinstance(rows, dict):
+            keys, rows = list(rows), list(rows.values())
     elif suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     elif suffix == ".tsv":
@@ -798,7 +803,12 @@ def read_rows(path: Path) -> list[dict]:
         raise ValueError(f"{path}: unsupported file type {suffix!r} (want .json, .jsonl, .tsv or .parquet)")
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DataError(path, -1, "<file>", "expected a list of objects")
-    return rows
+    return list(zip(keys or map(str, range(len(rows))), rows))
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of `path` (read_keyed_rows without the keys)."""
+    return [row for _, row in read_keyed_rows(path)]
 
 
 def _files(src: Path, patterns: Sequence[str]) -> list[Path]:
@@ -822,10 +832,16 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _field(row: dict, name: str, file: Path, index: int):
-    value = row.get(name)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise DataError(file, index, name, "missing or empty")
+def _is_empty(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _field(row: dict, name: str | tuple[str, ...], file: Path, index: int):
+    """The row's value of `name`; a tuple names the spellings different releases of one benchmark use, first wins."""
+    names = (name,) if isinstance(name, str) else name
+    value = next((row[n] for n in names if not _is_empty(row.get(n))), None)
+    if value is None:
+        raise DataError(file, index, "|".join(names), "missing or empty")
     return value
 
 
@@ -876,28 +892,61 @@ def _lettered(options: Sequence[str], style: str = "{letter}. {text}") -> str:
 
 
 _PAREN_OPTION = re.compile(r"^\(([A-Z])\)\s*(.*)$")
+VSTAR_CATEGORIES = ("direct_attributes", "relative_position")   # the folders the official evaluation scripts read
+VSTAR_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
-def convert_vstar(src: Path, media: Path) -> tuple[list[Task], list[str]]:
-    """V* Bench (craigwu/vstar_bench): test_questions.jsonl rows {image, text, label, category, question_id}; `text` is
-    the question, then one `(A) option` line per option, then an instruction to answer with the letter (dropped: it
-    contradicts the agent prompt's boxed answer)."""
+def _vstar_task(task_id: str, question: str, answer: str, category: str, image: Path, options: list[str]) -> Task:
+    return Task(id=task_id, question=question, answer=answer, ability=category, data_source="vstar",
+                image_path=str(image), choices=options)
+
+
+def _vstar_from_questions(src: Path) -> list[Task]:
+    """test_questions.jsonl rows {image, text, label, category, question_id}. `text` is the released question line
+    (the question, one `(A) option` line per option, then VSTAR_INSTRUCTION) and is kept whole; the option lines also
+    give the task's choices. Ids are the official question_id."""
     tasks = []
     for file in _files(src, ["test_questions.jsonl", "*.jsonl"]):
         for i, row in enumerate(read_rows(file)):
-            text = str(_field(row, "text", file, i))
-            lines = text.strip().splitlines()
-            options = [(m.group(1), m.group(2).strip()) for m in map(_PAREN_OPTION.match, lines) if m]
-            first_option = next((k for k, line in enumerate(lines) if _PAREN_OPTION.match(line)), len(lines))
-            stem = "\n".join(lines[:first_option]).strip()
+            text = str(_field(row, "text", file, i)).strip()
+            options = [m.group(2).strip() for m in map(_PAREN_OPTION.match, text.splitlines()) if m]
             if not options:
                 raise DataError(file, i, "text", "no '(A) ...' option lines found")
-            question = stem + "\n" + "\n".join(f"({letter}) {option}" for letter, option in options)
             image = _existing(str(_field(row, "image", file, i)), [file.parent], file, i, "image")
-            tasks.append(Task(id=f"vstar-{row.get('question_id', i)}", question=question,
-                              answer=str(_field(row, "label", file, i)).strip(), ability=str(row.get("category", "vstar")),
-                              data_source="vstar", image_path=str(image), choices=[o for _, o in options]))
-    return tasks, []
+            tasks.append(_vstar_task(str(_field(row, "question_id", file, i)), text,
+                                     str(_field(row, "label", file, i)).strip(), str(row.get("category", "vstar")),
+                                     image, options))
+    return tasks
+
+
+def _vstar_from_annotations(folders: Sequence[Path]) -> list[Task]:
+    """The per-image layout: <category>/<name>.jpg beside <name>.json {target_object, bbox, question, options}, the
+    correct option first (the release's convention; the official evaluation scripts list the options in that order
+    and score against the first). The question is written in the test_questions.jsonl layout, so both layouts give the
+    model the same kind of prompt. Ids are <category>/<image file name>, the name the official scripts record."""
+    tasks = []
+    for folder in folders:
+        for image in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() != ".json"):
+            annotation = image.with_suffix(".json")
+            if not annotation.is_file():
+                raise DataError(image, 0, "<annotation>", f"no annotation {annotation.name} beside the image")
+            row = json.loads(annotation.read_text(encoding="utf-8"))
+            options = [str(option).strip() for option in _field(row, "options", annotation, 0)]
+            lines = [str(_field(row, "question", annotation, 0)).strip(),
+                     *(f"({letter}) {option}" for letter, option in zip(data.LETTERS, options)), VSTAR_INSTRUCTION]
+            tasks.append(_vstar_task(f"{folder.name}/{image.name}", "\n".join(lines), "A", folder.name,
+                                     image.resolve(), options))
+    return tasks
+
+
+def convert_vstar(src: Path, media: Path) -> tuple[list[Task], list[str]]:
+    """V* Bench (craigwu/vstar_bench): test_questions.jsonl when the release holds it (its labels follow shuffled
+    options), else the per-image annotations of VSTAR_CATEGORIES (SRC may also be one category folder)."""
+    folders = [src] if src.name in VSTAR_CATEGORIES else [src / name for name in VSTAR_CATEGORIES]
+    folders = [folder for folder in folders if folder.is_dir()]
+    if folders and not (src / "test_questions.jsonl").is_file():
+        return _vstar_from_annotations(folders), []
+    return _vstar_from_questions(src), []
 
 
 def convert_hrbench(src: Path, media: Path) -> tuple[list[Task], list[str]]:
@@ -933,34 +982,54 @@ def convert_hrbench(src: Path, media: Path) -> tuple[list[Task], list[str]]:
     return tasks, []
 
 
+MATHVERSE_TEXT_ONLY = "Text Only"   # the problem_version whose items carry no image
+
+
+def _holds_no_image(value) -> bool:
+    """True for an image field that holds nothing: missing, empty, or a parquet image struct without bytes or path."""
+    return not (value.get("bytes") or value.get("path")) if isinstance(value, dict) else _is_empty(value)
+
+
 def convert_mathverse(src: Path, media: Path) -> tuple[list[Task], list[str]]:
     """MathVerse (AI4Math/MathVerse, ZrrSkywalker/MathVerse): testmini.json rows {sample_index, problem_index,
     problem_version, question, image, answer, question_type, metadata, query_wo, query_cot}; the options of
-    multi-choice items are in `question`. Vision-only items have an empty question (it is in the image)."""
-    tasks = []
+    multi-choice items are in `question`. Vision-only items have an empty question (it is in the image).
+    Text-only items (testmini_text_only.json, problem_version "Text Only", image "") are skipped and listed: a task here
+    is a question about one image or one video (data.Task), and the agent's prompt and sandbox start from that media."""
+    tasks, skipped = [], []
     for file in _files(src, ["testmini.json", "*.json", "*.parquet"]):
         for i, row in enumerate(read_rows(file)):
             index = str(_field(row, "sample_index", file, i))
+            if _holds_no_image(row.get("image")) and row.get("problem_version") == MATHVERSE_TEXT_ONLY:
+                skipped.append(f"mathverse-{index}: text-only, no image")
+                continue
             question = str(row.get("question") or "").strip() or "Answer the question shown in the image."
             image = _image_file(_field(row, "image", file, i), media, f"mathverse-{index}",
                                 [file.parent, file.parent / "images"], file, i, "image")
             tasks.append(Task(id=f"mathverse-{index}", question=question, answer=str(_field(row, "answer", file, i)),
                               ability=str(row.get("problem_version", "all")), data_source="mathverse",
                               image_path=str(image), extra={"question_type": row.get("question_type")}))
-    return tasks, []
+    return tasks, skipped
+
+
+# MATH-Vision items whose options are these bare letters have the options drawn in the image; the official prompt
+# (mathllm/MATH-V `models/GPT4V.py`) lists options only when they are not exactly these.
+MATHVISION_LETTERS_ONLY = ["A", "B", "C", "D", "E"]
 
 
 def convert_mathvision(src: Path, media: Path) -> tuple[list[Task], list[str]]:
-    """MATH-Vision (MathLLMs/MathVision): test/testmini as JSONL or parquet, rows {id, question, options, image,
-    decoded_image, answer, solution, level, subject}; `options` empty for free-form items."""
+    """MATH-Vision (mathllm/MATH-V on GitHub: data/test.jsonl, data/testmini.jsonl + images/; MathLLMs/MathVision on the
+    hub: test/testmini parquet), rows {id, question, options, image, decoded_image, answer, solution, level, subject};
+    `options` empty for free-form items. Options other than MATHVISION_LETTERS_ONLY follow the question as the official
+    prompt lays them out, one `(A) option` line each. Pass one split at a time (testmini repeats test's ids)."""
     tasks = []
-    for file in _files(src, ["*.jsonl", "*.parquet", "*.json"]):
+    for file in _files(src, ["test*.jsonl", "*.parquet", "*.json"]):
         for i, row in enumerate(read_rows(file)):
             index = str(_field(row, "id", file, i))
             options = [str(o) for o in (row.get("options") or [])]
             question = str(_field(row, "question", file, i)).strip()
-            if options:
-                question += "\nChoices:\n" + _lettered(options, "({letter}) {text}")
+            if options and options != MATHVISION_LETTERS_ONLY:
+                question += "\n" + _lettered(options, "({letter}) {text}")
             image_value = row.get("decoded_image") or _field(row, "image", file, i)
             image = _image_file(image_value, media, f"mathvision-{index}", [file.parent, file.parent.parent], file, i,
                                 "image")
@@ -988,30 +1057,43 @@ def convert_wemath(src: Path, media: Path) -> tuple[list[Task], list[str]]:
     return tasks, []
 
 
+# the variant number in a DynaMath file's folder/name: trial{k}/ (GitHub), sample{k}-*.parquet (hub),
+# sample_variant{k}/ (the hub's parquet export)
+_DYNAMATH_VARIANT = re.compile(r"(?:trial|variant|sample)_?(\d+)")
+
+
 def convert_dynamath(src: Path, media: Path) -> tuple[list[Task], list[str]]:
-    """DynaMath (DynaMath/DynaMath_Sample): one file per variant (sample_variant1 … 10; parquet on the hub, JSON in the
-    GitHub release), rows {id, question, image, decoded_image, ground_truth, answer_type, subject, knowledge_level}."""
+    """DynaMath's released sample of 10 variants of its 501 seed questions, one file per variant k:
+      * GitHub DynaMath/DynaMath: `samples and result/10trials/trial{k}/dataset.json`, a mapping id -> {question,
+        answer, image (a path under trial{k}/), answer_type, subject, level};
+      * hub DynaMath/DynaMath_Sample: `data/sample{k}-*.parquet` (split sample_variant{k}), rows {id, question, image,
+        decoded_image, ground_truth, answer_type, subject, knowledge_level}.
+    Ids are dynamath-v{k}-{id}, and so are the names of the images written from parquet bytes, so variants never share
+    an id or overwrite each other's image."""
     tasks = []
-    for file in _files(src, ["*variant*.parquet", "*variant*.json", "*variant*.jsonl", "*.parquet", "*.json"]):
-        match = re.search(r"variant[_-]?(\d+)", file.name)
-        variant = match.group(1) if match else "1"
-        for i, row in enumerate(read_rows(file)):
-            index = str(_field(row, "id", file, i))
+    for file in _files(src, ["trial*/dataset.json", "*.parquet", "*.json"]):
+        variants = _DYNAMATH_VARIANT.findall(f"{file.parent.name}/{file.name}")
+        if not variants:
+            raise ValueError(f"{file}: cannot tell which DynaMath variant this file holds; its folder or name must say "
+                             "(trial{k}/dataset.json, sample{k}-*.parquet or sample_variant{k}/)")
+        variant = int(variants[-1])
+        for i, (key, row) in enumerate(read_keyed_rows(file)):
+            task_id = f"dynamath-v{variant}-{row.get('id', key)}"
             image_value = row.get("decoded_image") or _field(row, "image", file, i)
-            image = _image_file(image_value, media, f"dynamath-v{variant}-{index}", [file.parent, file.parent.parent],
-                                file, i, "image")
-            tasks.append(Task(id=f"dynamath-v{variant}-{index}", question=str(_field(row, "question", file, i)).strip(),
-                              answer=str(_field(row, "ground_truth", file, i)).strip(),
+            image = _image_file(image_value, media, task_id, [file.parent, file.parent.parent], file, i, "image")
+            tasks.append(Task(id=task_id, question=str(_field(row, "question", file, i)).strip(),
+                              answer=str(_field(row, ("ground_truth", "answer"), file, i)).strip(),
                               ability=str(row.get("subject", "all")), data_source="dynamath", image_path=str(image),
-                              extra={"answer_type": row.get("answer_type"), "variant": int(variant),
-                                     "knowledge_level": row.get("knowledge_level")}))
+                              extra={"answer_type": row.get("answer_type"), "variant": variant,
+                                     "knowledge_level": row.get("knowledge_level", row.get("level"))}))
     return tasks, []
 
 
 def convert_tirbench(src: Path, media: Path) -> tuple[list[Task], list[str]]:
-    """TIR-Bench (agents-x-project/TIR-Bench): TIR-Bench.json, a list (or index -> row mapping) of {id, task|category,
-    prompt, answer, image_1, image_2, meta_data}. Two-image items (image_2 set) are skipped: the image scaffold puts one
-    image in context and in the sandbox."""
+    """TIR-Bench (hub Agents-X/TIR-Bench; the GitHub repository agents-x-project/TIR-Bench holds only its scoring
+    scripts): TIR-Bench.json, a list (or index -> row mapping) of {id, task|category, prompt, answer, image_1, image_2,
+    meta_data}, image paths relative to the JSON (data.zip unzipped beside it). Two-image items (image_2 set) are
+    skipped: the image scaffold puts one image in context and in the sandbox."""
     tasks, skipped = [], []
     for file in _files(src, ["TIR-Bench.json", "*.json"]):
         for i, row in enumerate(read_rows(file)):
@@ -1032,10 +1114,10 @@ VSI_NUMERIC_TYPES = frozenset({"object_abs_distance", "object_counting", "object
 
 
 def convert_vsibench(src: Path, media: Path) -> tuple[list[Task], list[str]]:
-    """VSI-Bench (nyu-visionx/VSI-Bench): test parquet (or JSON/JSONL) rows {id, dataset, scene_name, question_type,
-    question, options ("A. chair" ...), ground_truth}; videos at <src>/<dataset>/<scene_name>.mp4 (the unzipped
-    arkitscenes/scannet/scannetpp archives). Numeric question types are scored by MRA (vsi_numerical), the rest by
-    the judge (vsi)."""
+    """VSI-Bench (nyu-visionx/VSI-Bench): test-00000-of-00001.parquet (or JSON/JSONL) rows {id, dataset, scene_name,
+    question_type, question, options ("A. chair" ...), ground_truth}; videos at <src>/<dataset>/<scene_name>.mp4 (the
+    unzipped arkitscenes/scannet/scannetpp archives, the path the official lmms-eval task reads). Numeric question
+    types are scored by MRA (vsi_numerical), the rest by the judge (vsi)."""
     tasks = []
     root = src if src.is_dir() else src.parent
     for file in _files(src, ["*.parquet", "*.jsonl", "test*.json"]):
@@ -1063,14 +1145,21 @@ class Benchmark:
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "vstar": Benchmark(convert_vstar, "huggingface.co/datasets/craigwu/vstar_bench (test_questions.jsonl + images)"),
+    "vstar": Benchmark(convert_vstar, "huggingface.co/datasets/craigwu/vstar_bench (test_questions.jsonl + images, or "
+                                      "the per-image direct_attributes|relative_position/<name>.jpg + <name>.json)"),
     "hrbench": Benchmark(convert_hrbench, "huggingface.co/datasets/DreamMr/HR-Bench (hr_bench_4k/8k .tsv or .parquet)"),
-    "mathverse": Benchmark(convert_mathverse, "huggingface.co/datasets/AI4Math/MathVerse (testmini.json + images)"),
-    "mathvision": Benchmark(convert_mathvision, "huggingface.co/datasets/MathLLMs/MathVision (test/testmini)"),
+    "mathverse": Benchmark(convert_mathverse, "huggingface.co/datasets/AI4Math/MathVerse or github.com/ZrrSkywalker/"
+                                              "MathVerse (testmini.json + images; text-only items are skipped)"),
+    "mathvision": Benchmark(convert_mathvision, "github.com/mathllm/MATH-V (data/test[mini].jsonl + images) or "
+                                                "huggingface.co/datasets/MathLLMs/MathVision (test/testmini parquet)"),
     "wemath": Benchmark(convert_wemath, "huggingface.co/datasets/We-Math/We-Math (testmini.json + images)"),
-    "dynamath": Benchmark(convert_dynamath, "huggingface.co/datasets/DynaMath/DynaMath_Sample (sample_variant1..10)"),
-    "tirbench": Benchmark(convert_tirbench, "github.com/agents-x-project/TIR-Bench (TIR-Bench.json + images)"),
-    "vsibench": Benchmark(convert_vsibench, "huggingface.co/datasets/nyu-visionx/VSI-Bench (test parquet + videos)"),
+    "dynamath": Benchmark(convert_dynamath, "github.com/DynaMath/DynaMath (samples and result/10trials/trial{k}/"
+                                            "dataset.json) or huggingface.co/datasets/DynaMath/DynaMath_Sample "
+                                            "(data/sample{k}-*.parquet)"),
+    "tirbench": Benchmark(convert_tirbench, "huggingface.co/datasets/Agents-X/TIR-Bench (TIR-Bench.json + data.zip "
+                                            "unzipped beside it)"),
+    "vsibench": Benchmark(convert_vsibench, "huggingface.co/datasets/nyu-visionx/VSI-Bench (test-*.parquet + the "
+                                            "arkitscenes/scannet/scannetpp zips unzipped beside it)"),
 }
 
 

@@ -51,6 +51,16 @@ Differences from the official code (multi_task_verifier.py, rule_match_verify.py
        few-shot examples are our own words with the official layout and meaning (the official "Judement" typo is not
        kept).
     7. Multiple-choice, numeric and string rule verifiers are ours (the official code judges those with the LLM).
+    8. MRA numbers: the official pattern (`rule_match_verify.py`, `[-+]?\\d*\\.?\\d+`) reads only the first run of digits,
+       so "1,234" is 1, "3/4" is 3, "2.5e3" is 2.5 and `\\frac{3}{4}` is 3. `parse_number` reads thousands separators,
+       fractions, `\\frac` and exponents (1234, 0.75, 2500, 0.75). Kept: an answer written 1,234 means 1234.
+    9. MRA at exact thresholds: a relative error equal to 1 − θ is a hit, as in VSI-Bench's own scorer (thinking-in-space
+       `lmms_eval/tasks/vsibench/utils.py`, `<=`), with 1 − θ = (20 − k)/20 exact. The official code compares with
+       `<` against 1 − θ built as 0.5 + 0.05·i in floating point (0.30000000000000004 at θ = 0.70,
+       0.09999999999999998 at θ = 0.90, ...), so it agrees at 0.3 and 0.05 (13 for 10 scores 0.5, 10.5 for 10 scores
+       1.0 on both sides) and differs only where its float rounding falls below a threshold (0.9 for 1: 0.8 there,
+       0.9 here). Integer counts hit these boundaries often (VSI-Bench's object_counting), so the benchmark's own
+       rule is the one kept.
 """
 from __future__ import annotations
 
@@ -196,14 +206,15 @@ def parse_number(text: str) -> float | None:
 
 
 def mean_relative_accuracy(predicted: float, target: float) -> float:
-    """VSI-Bench MRA: the fraction of θ ∈ {0.50, 0.55, …, 0.95} with |ŷ − y| / |y| < 1 − θ; exact match when y = 0."""
+    """VSI-Bench MRA: the fraction of θ ∈ {0.50, 0.55, …, 0.95} with |ŷ − y| / |y| ≤ 1 − θ (VSI-Bench's own scorer
+    counts the boundary as a hit); exact match when y = 0."""
     if not math.isfinite(target):
         raise ValueError(f"MRA target must be finite, got {target}")
     if target == 0:
         return 1.0 if predicted == 0 else 0.0
     relative_error = abs(predicted - target) / abs(target)
     # 1 − θ for θ = k/20, k = 10…19, written as (20 − k)/20 so boundary cases follow the formula, not float rounding
-    return sum(relative_error < (20 - k) / 20 for k in range(10, 20)) / 10
+    return sum(relative_error <= (20 - k) / 20 for k in range(10, 20)) / 10
 
 
 def normalize_text(text: str) -> str:

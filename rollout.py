@@ -10,7 +10,7 @@ What this file is
 
     The protocol is the official one, string for string (method.md §2.1-§2.4):
       * actions stop at `</code>` (kept); code is the last ```python block inside <code>...</code> (fallback: the last bare
-        ```python block); `<answer>...</answer>` ends the episode;
+        ```python block); the last `<answer>...</answer>` ends the episode unless it is empty;
       * observations are new user turns `<tool_response><interpreter>Text Result: ... Image Result: <image_clue_k>...`,
         opened with `\n<|im_start|>user\n` and closed with `<|im_end|>\n<|im_start|>assistant\n` (the action before an
         observation is not closed with <|im_end|>);
@@ -39,7 +39,12 @@ Differences from the official code
     * Tool text is truncated to `max_tool_text_chars` (head and tail kept); the official code has no bound. Sandbox
       notes (interpreter reset after a timeout, figures dropped or downscaled) are appended to it in brackets.
     * A call that ends in `sys.exit()` counts as a successful call (the official runtime reports it as an error).
-    * `num_tool_calls` counts observations appended to the trajectory (official `tool_call_cnt`).
+    * `num_tool_calls` counts observations appended to the trajectory. The official `tool_call_cnt`
+      (`verl_agents/verl/workers/agent/parallel_env.py`) is raised once the code has run, before the observation's
+      length check, so a call whose observation would overflow the context (the trajectory ends OVER_LENGTH, the
+      observation is not appended) counts there and not here. Only the reported tool-call statistics differ, by at
+      most one call: such a trajectory holds no answer, so it is wrong and earns no tool bonus on either side. Kept:
+      here a call counts when the model saw its result.
     * A trajectory whose prompt leaves no room in the engine's context (`max_model_len`, vLLM) ends as OVER_LENGTH
       before generating, as the official loop ends an over-long one. A prompt vLLM refuses, or expands to another
       length than ours (the two image processors would disagree on an image's size, and training would score other
@@ -182,9 +187,12 @@ def render_prompt(question: str, width: int | None = None, height: int | None = 
 
 
 def parse_action(text: str) -> tuple[str | None, str | None]:
-    """-> (answer, code): the last <answer> block wins; else the last code block (official order, method.md §2.2)."""
+    """-> (answer, code): the last <answer> block wins; else the last code block (official order, method.md §2.2).
+    An empty last block (`<answer></answer>`) is no answer and the code block still runs: the official tool
+    (`verl_agents/verl/workers/agent/envs/agents_x/safe_persis_python_exe_tool_*.py`) tests the answer's truthiness.
+    Whitespace alone is truthy, so `<answer> </answer>` ends the episode there and here."""
     answers = ANSWER_RE.findall(text)
-    if answers:
+    if answers and answers[-1]:
         return answers[-1], None
     blocks = CODE_RE.findall(text) or BARE_CODE_RE.findall(text)
     return None, (blocks[-1] if blocks else None)

@@ -44,7 +44,17 @@ Differences from the paper / official code
     * With one optimiser step per RL step (the default, on-policy) the old log-probs equal the current ones; we reuse
       the detached log-probs of the update's own forward instead of a second pass (same numbers, one pass fewer). With
       `mini_batches > 1` they are recomputed before the update, as the official code does.
-    * No reference model is loaded unless `kl_coef > 0` (the paper uses no KL).
+    * Token-mean normalisation: the loss here is the mean over every action token of the mini-batch on every rank,
+      however it is split into micro-batches. The official actor (`verl_agents/verl/workers/actor/dp_actor.py`) takes
+      each micro-batch's token mean, divides it by the number of accumulation steps, and data parallelism averages the
+      ranks: a mean of micro-batch means. The released scripts put one trajectory in each micro-batch
+      (`ppo_micro_batch_size_per_gpu=1`), which makes it the mean over trajectories of each trajectory's token mean, so
+      a token of a long trajectory weighs less there; `--loss-agg seq-mean-token-mean` gives that weighting here. Kept:
+      the official weighting changes with the micro-batch size and the number of GPUs, the global token mean does not.
+    * No reference model is loaded unless `kl_coef > 0` (the paper uses no KL; the released scripts set
+      `use_kl_loss=False`). With `kl_coef > 0`, k3 is used as is; the official `low_var_kl`
+      (`verl_agents/verl/trainer/ppo/core_algos.py`) clamps each token's value to [-10, 10]. Kept: no paper run uses
+      KL, and the clamp silences the tokens that have drifted furthest, the ones the penalty is there to pull back.
     * OFR keeps whole groups by default (ofr.py lists the other differences).
 """
 from __future__ import annotations

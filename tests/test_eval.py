@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 from PIL import Image
@@ -20,6 +21,7 @@ import rollout
 from eval import EvalConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+RELEASES = ROOT / "tests" / "fixtures"   # real release rows; tests/fixtures/README.md names each one's source
 REQUIRED_SUMMARY_KEYS = {"accuracy", "correct_frac", "tool_calls_mean", "visual_tokens_mean", "turns_mean",
                          "wellformed_frac", "wall_s_per_sample", "end_reasons", "n_samples", "n_errors"}
 REPORT_FILES = ("results.json", "results.md", "samples.jsonl", "accuracy_vs_visual_tokens.png", "tool_calls_hist.png",
@@ -232,7 +234,7 @@ def test_judged_benchmark_source_goes_through_the_judge(tmp_path, processor, exa
     task = data.load_tasks(path)[0][0]
     wrong = dataclasses.replace(task, id="vstar-wrong", answer="C")
     for t in (task, wrong):
-        t.solution_code = "print('B')"   # the expert answers B; the reference of the second task is C
+        t.solution_code = "print('A')"   # the expert answers A, the first task's reference; the second's is C
     cfg = EvalConfig(engine="scripted")
     blocked = evaluation.evaluate([task], CountingExpert(processor), processor, cfg, tmp_path / "no_judge")
     assert blocked["summary"]["n_errors"] == 1 and "no judge is configured" in blocked["samples"][0]["error"]
@@ -244,7 +246,8 @@ def test_judged_benchmark_source_goes_through_the_judge(tmp_path, processor, exa
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Benchmark converters, each on a tiny fixture written in its release format
+# Benchmark converters, on real release rows (tests/fixtures, stand-in images) or, where a release could not be
+# read, on rows written in its documented schema
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _png(path: Path, colour=(200, 30, 30)) -> Path:
@@ -264,12 +267,16 @@ def _write_jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _release(name: str, src: Path, images: Sequence[str]) -> None:
+    """Copy the release fixture `name` to `src` and write a stand-in image at each of `images` (paths under src), each
+    in its own colour so a test can tell which image a task got."""
+    shutil.copytree(RELEASES / name, src, dirs_exist_ok=True)
+    for k, image in enumerate(images):
+        _png(src / image, (40 * k % 256, 100, 200))
+
+
 def fixture_vstar(src: Path) -> None:
-    _png(src / "direct_attributes" / "sa_1.jpg")
-    _write_jsonl(src / "test_questions.jsonl", [
-        {"image": "direct_attributes/sa_1.jpg", "category": "direct_attributes", "question_id": 0, "label": "B",
-         "text": "What is the color of the cup?\n(A) white\n(B) red\n(C) blue\n(D) black\n"
-                 "Answer with the option's letter from the given choices directly."}])
+    _release("vstar", src, ["direct_attributes/sa_10033.jpg", "relative_position/sa_79958.jpg"])
 
 
 def fixture_hrbench(src: Path) -> None:
@@ -284,22 +291,11 @@ def fixture_hrbench(src: Path) -> None:
 
 
 def fixture_mathverse(src: Path) -> None:
-    _png(src / "images_version_1-4" / "image_685.png")
-    (src / "testmini.json").write_text(json.dumps([
-        {"sample_index": "3421", "problem_index": "685", "problem_version": "Text Dominant", "question": "Find L.",
-         "image": "images_version_1-4/image_685.png", "answer": "14", "question_type": "free-form",
-         "metadata": {"split": "testmini"}, "query_wo": "...", "query_cot": "..."},
-        {"sample_index": "3425", "problem_index": "685", "problem_version": "Vision Only", "question": "",
-         "image": "images_version_1-4/image_685.png", "answer": "14", "question_type": "free-form"}]))
+    _release("mathverse", src, ["images_version_1-4/image_685.png", "images_version_6/image_685.png"])
 
 
 def fixture_mathvision(src: Path) -> None:
-    _png(src / "images" / "1.jpg")
-    _write_jsonl(src / "data" / "test.jsonl", [
-        {"id": "1", "question": "<image1> Which shape has the largest area?", "options": ["A", "B", "C", "D", "E"],
-         "image": "images/1.jpg", "answer": "C", "solution": None, "level": 2, "subject": "metric geometry - area"},
-        {"id": "2", "question": "<image1> How many dots?", "options": [], "image": "images/1.jpg", "answer": "7",
-         "level": 1, "subject": "counting"}])
+    _release("mathvision", src, ["images/4.jpg", "images/6.jpg", "images/27.jpg"])
 
 
 def fixture_wemath(src: Path) -> None:
@@ -310,11 +306,12 @@ def fixture_wemath(src: Path) -> None:
          "answer": "B", "image_path": "3steps/image/165-3.png", "key": "3steps_3", "question number": 1575}]))
 
 
+DYNAMATH_TRIALS = RELEASES / "dynamath" / "samples and result" / "10trials"
+
+
 def fixture_dynamath(src: Path) -> None:
-    _png(src / "images" / "1.png")
-    (src / "sample_variant3.json").write_text(json.dumps([
-        {"id": "1", "question": "What is the period of y = a*sin(b*x)?", "image": "images/1.png",
-         "ground_truth": "2.0944", "answer_type": "float", "subject": "PlaneGeometry", "knowledge_level": "high"}]))
+    _release("dynamath", src, [f"samples and result/10trials/trial{k}/image/image{item}.png"
+                               for k in (3, 7) for item in (1, 5)])
 
 
 def fixture_tirbench(src: Path) -> None:
@@ -339,15 +336,18 @@ def fixture_vsibench(src: Path) -> None:
 
 # benchmark -> (fixture, {task id: (answer, data_source, ability)}, choices of the first task)
 CONVERTER_CASES = {
-    "vstar": (fixture_vstar, {"vstar-0": ("B", "vstar", "direct_attributes")}, ["white", "red", "blue", "black"]),
+    "vstar": (fixture_vstar, {"12": ("A", "vstar", "direct_attributes")}, ["rubber", "cotton", "kevlar", "leather"]),
     "hrbench": (fixture_hrbench, {"hrbench-4k-0": ("C", "hrbench-4k", "single"), "hrbench-4k-1": ("A", "hrbench-4k", "cross")},
                 ["open", "shut", "exit", "stop"]),
     "mathverse": (fixture_mathverse, {"mathverse-3421": ("14", "mathverse", "Text Dominant"),
                                       "mathverse-3425": ("14", "mathverse", "Vision Only")}, None),
-    "mathvision": (fixture_mathvision, {"mathvision-1": ("C", "mathvision", "metric geometry - area"),
-                                        "mathvision-2": ("7", "mathvision", "counting")}, ["A", "B", "C", "D", "E"]),
+    "mathvision": (fixture_mathvision, {"mathvision-4": ("6", "mathvision", "counting"),
+                                        "mathvision-6": ("D", "mathvision", "logic"),
+                                        "mathvision-27": ("A", "mathvision", "topology")}, None),
     "wemath": (fixture_wemath, {"wemath-1575": ("B", "wemath", "3steps_3")}, None),
-    "dynamath": (fixture_dynamath, {"dynamath-v3-1": ("2.0944", "dynamath", "PlaneGeometry")}, None),
+    "dynamath": (fixture_dynamath, {f"dynamath-v{k}-{item}": (answer, "dynamath", subject) for k in (3, 7)
+                                    for item, answer, subject in (("1", "3.1416", "analytic geometry"),
+                                                                  ("5", "A", "statistics"))}, None),
     "tirbench": (fixture_tirbench, {"tirbench-0": ("3", "tirbench", "maze")}, None),
     "vsibench": (fixture_vsibench, {"vsi-7": ("4", "vsi_numerical", "object_counting"),
                                     "vsi-8": ("A", "vsi", "object_rel_direction_easy")}, None),
@@ -375,7 +375,9 @@ def test_converted_questions_carry_their_options(tmp_path):
     fixture_vstar(tmp_path / "vstar")
     fixture_vsibench(tmp_path / "vsi")
     vstar, _ = evaluation.convert_vstar(tmp_path / "vstar", tmp_path / "media")
-    assert vstar[0].question == "What is the color of the cup?\n(A) white\n(B) red\n(C) blue\n(D) black"
+    released = json.loads((RELEASES / "vstar" / "test_questions.jsonl").read_text())
+    assert vstar[0].question == released["text"]           # the official question line, instruction included
+    assert vstar[0].question.endswith("\n(D) leather\nAnswer with the option's letter from the given choices directly.")
     vsi, _ = evaluation.convert_vsibench(tmp_path / "vsi", tmp_path / "media")
     assert vsi[1].question.endswith("Options:\nA. left\nB. right") and vsi[1].choices == ["left", "right"]
     assert "Options" not in vsi[0].question
@@ -383,6 +385,98 @@ def test_converted_questions_carry_their_options(tmp_path):
     hr, _ = evaluation.convert_hrbench(tmp_path / "hr", tmp_path / "media")
     assert hr[0].image_path == hr[1].image_path          # row 1's image field points at row 0's image
     assert hr[0].question.endswith("A. open\nB. shut\nC. exit\nD. stop")
+
+
+def test_vstar_per_image_annotation_layout(tmp_path):
+    """The layout the official evaluation scripts read: <category>/<name>.jpg beside <name>.json, the correct option
+    first. Used when the release has no test_questions.jsonl; SRC may also be the category folder itself."""
+    _release("vstar/relative_position", tmp_path / "bench" / "relative_position", ["sa_79958.jpg"])
+    annotation = json.loads((RELEASES / "vstar" / "relative_position" / "sa_79958.json").read_text())
+    for src in (tmp_path / "bench", tmp_path / "bench" / "relative_position"):
+        path, skipped = evaluation.prepare("vstar", src, tmp_path / "out")
+        [task] = data.load_tasks(path)[0]
+        assert skipped == [] and (task.id, task.answer, task.ability) == ("relative_position/sa_79958.jpg", "A",
+                                                                         "relative_position")
+        assert task.choices == annotation["options"] and task.answer_text == annotation["options"][0]
+        assert task.question == (f"{annotation['question']}\n(A) {annotation['options'][0]}\n"
+                                 f"(B) {annotation['options'][1]}\n{evaluation.VSTAR_INSTRUCTION}")
+        assert Path(task.image_path) == (tmp_path / "bench" / "relative_position" / "sa_79958.jpg").resolve()
+    (tmp_path / "bench" / "relative_position" / "sa_79958.json").unlink()
+    with pytest.raises(data.DataError, match=r"sa_79958.jpg: row 0: field '<annotation>': no annotation sa_79958.json"):
+        evaluation.prepare("vstar", tmp_path / "bench", tmp_path / "out")
+
+
+def test_mathvision_lists_options_only_when_they_are_not_the_bare_letters(tmp_path):
+    fixture_mathvision(tmp_path / "src")
+    path, _ = evaluation.prepare("mathvision", tmp_path / "src", tmp_path / "out")
+    tasks = {t.id: t for t in data.load_tasks(path)[0]}
+    released = {row["id"]: row for row in evaluation.read_rows(RELEASES / "mathvision" / "data" / "testmini.jsonl")}
+    # options A..E are drawn in the image: the question is left as released (the official prompt adds no block)
+    assert tasks["mathvision-6"].question == released["6"]["question"]
+    assert tasks["mathvision-6"].choices == list("ABCDE")
+    assert tasks["mathvision-4"].question == released["4"]["question"] and tasks["mathvision-4"].choices is None
+    written = "\n".join(f"({letter}) {option}" for letter, option in zip("ABCDE", released["27"]["options"]))
+    assert tasks["mathvision-27"].question == released["27"]["question"] + "\n" + written
+
+
+def test_mathverse_text_only_items_are_skipped_and_counted(tmp_path):
+    path, skipped = evaluation.prepare("mathverse", RELEASES / "mathverse" / "text_only" / "testmini_text_only.json",
+                                       tmp_path / "out")
+    assert data.load_tasks(path)[0] == []
+    assert skipped == ["mathverse-1: text-only, no image", "mathverse-2: text-only, no image"]
+    # a vision version without its image is a broken row, not a text-only item
+    rows = json.loads((RELEASES / "mathverse" / "testmini.json").read_text())
+    (tmp_path / "testmini.json").write_text(json.dumps([{**rows[0], "image": ""}]))
+    with pytest.raises(data.DataError, match=r"testmini.json: row 0: field 'image': missing or empty"):
+        evaluation.prepare("mathverse", tmp_path / "testmini.json", tmp_path / "out")
+
+
+def _colour(image_path: str) -> tuple:
+    with Image.open(image_path) as image:
+        return image.convert("RGB").getpixel((0, 0))
+
+
+def test_dynamath_github_trials_are_variants(tmp_path):
+    fixture_dynamath(tmp_path / "src")
+    path, _ = evaluation.prepare("dynamath", tmp_path / "src", tmp_path / "out")
+    tasks = {t.id: t for t in data.load_tasks(path)[0]}
+    released = json.loads((DYNAMATH_TRIALS / "trial7" / "dataset.json").read_text())["5"]
+    task = tasks["dynamath-v7-5"]
+    assert (task.question, task.answer, task.extra) == (
+        released["question"], released["answer"],
+        {"answer_type": released["answer_type"], "variant": 7, "knowledge_level": released["level"]})
+    assert Path(task.image_path) == (tmp_path / "src" / "samples and result" / "10trials" / "trial7" / "image" /
+                                     "image5.png").resolve()
+    # one file whose folder and name do not say the variant cannot be placed
+    (tmp_path / "seed").mkdir()
+    shutil.copy(DYNAMATH_TRIALS / "trial3" / "dataset.json", tmp_path / "seed" / "dataset.json")
+    with pytest.raises(ValueError, match="cannot tell which DynaMath variant"):
+        evaluation.prepare("dynamath", tmp_path / "seed", tmp_path / "out_seed")
+
+
+@pytest.mark.parametrize("hub_file", ["data/sample{k}-00000-of-0000{k}.parquet",   # the dataset repository's files
+                                      "sample_variant{k}/0000.parquet"])           # the hub's parquet export
+def test_dynamath_hub_files_are_variants_with_their_own_ids_and_images(tmp_path, hub_file):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    colours = {3: (200, 0, 0), 7: (0, 0, 200)}
+    for k, colour in colours.items():
+        rows = []
+        for item, row in json.loads((DYNAMATH_TRIALS / f"trial{k}" / "dataset.json").read_text()).items():
+            buf = io.BytesIO()
+            Image.new("RGB", (64, 48), colour).save(buf, format="PNG")
+            rows.append({"id": item, "question": row["question"], "image": row["image"],
+                         "decoded_image": {"bytes": buf.getvalue(), "path": None}, "ground_truth": row["answer"],
+                         "answer_type": row["answer_type"], "subject": row["subject"], "knowledge_level": row["level"]})
+        target = tmp_path / "hub" / hub_file.format(k=k)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), target)
+    path, _ = evaluation.prepare("dynamath", tmp_path / "hub", tmp_path / "out")
+    tasks = data.load_tasks(path)[0]
+    assert sorted(t.id for t in tasks) == ["dynamath-v3-1", "dynamath-v3-5", "dynamath-v7-1", "dynamath-v7-5"]
+    assert len({t.image_path for t in tasks}) == 4                     # no variant's image overwrote another's
+    assert all(_colour(t.image_path) == colours[t.extra["variant"]] for t in tasks)
+    assert {t.id: t.answer for t in tasks}["dynamath-v3-5"] == "A"
 
 
 def test_converter_errors_name_the_file_row_and_field(tmp_path):

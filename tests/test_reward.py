@@ -79,13 +79,17 @@ def test_parse_number(text, expected):
 
 @pytest.mark.parametrize("predicted, target, expected", [
     (10, 10, 1.0),
-    (12, 10, 0.6),     # rel 0.2 < 1−θ for θ = .50 .55 .60 .65 .70 .75  → 6/10
-    (14, 10, 0.2),     # rel 0.4 < 1−θ for θ = .50 .55                   → 2/10
-    (5, 4, 0.5),       # rel 0.25: θ = .75 is not a hit (strict <)        → 5/10
-    (15, 10, 0.0),     # rel 0.5 hits nothing
+    (12, 10, 0.7),     # rel 0.2 ≤ 1−θ for θ = .50 … .80 (0.2 itself a hit) → 7/10
+    (14, 10, 0.3),     # rel 0.4 ≤ 1−θ for θ = .50 .55 .60               → 3/10
+    (5, 4, 0.6),       # rel 0.25: θ = .75 is a hit (≤, VSI-Bench's rule) → 6/10
+    (15, 10, 0.1),     # rel 0.5 hits only θ = .50
+    (16, 10, 0.0),     # rel 0.6 hits nothing
     (10.6, 10, 0.9),   # rel 0.06 misses only θ = .95 (1−θ = 0.05)       → 9/10
-    (10.4, 10, 1.0),   # rel 0.04 < 0.05 hits every θ                      → 10/10
-    (-12, -10, 0.6),   # |y| in the denominator
+    (10.4, 10, 1.0),   # rel 0.04 ≤ 0.05 hits every θ                      → 10/10
+    (13, 10, 0.5),     # rel exactly 0.3 hits θ = .70, as the official code and VSI-Bench's scorer count it
+    (10.5, 10, 1.0),   # rel exactly 0.05 hits θ = .95 (both: 1.0)
+    (0.9, 1, 0.9),     # rel 0.1 hits θ = .90 (the official float threshold 0.09999999999999998 misses it: 0.8)
+    (-12, -10, 0.7),   # |y| in the denominator
     (0, 0, 1.0), (0.1, 0, 0.0),
 ])
 def test_mean_relative_accuracy_hand_computed(predicted, target, expected):
@@ -101,12 +105,12 @@ def test_mra_scores_the_boxed_answer_not_the_first_number_in_the_response():
 
 
 def test_mra_partial_credit_gates_the_tool_bonus_at_one_half():
-    correct = score("10", "vsi_numerical", None, boxed("12"), num_tool_calls=2)          # MRA 0.6 ≥ 0.5
-    assert (correct.acc, correct.correct, correct.tool_bonus) == (pytest.approx(0.6), True, pytest.approx(0.2))
-    assert correct.total == pytest.approx(0.8)
-    wrong = score("10", "scannet_rule_verifiable", None, boxed("14"), num_tool_calls=2)  # MRA 0.2 < 0.5
-    assert (wrong.acc, wrong.correct, wrong.tool_bonus, wrong.total) == (pytest.approx(0.2), False, 0.0,
-                                                                         pytest.approx(0.2))
+    correct = score("10", "vsi_numerical", None, boxed("12"), num_tool_calls=2)          # MRA 0.7 ≥ 0.5
+    assert (correct.acc, correct.correct, correct.tool_bonus) == (pytest.approx(0.7), True, pytest.approx(0.2))
+    assert correct.total == pytest.approx(0.9)
+    wrong = score("10", "scannet_rule_verifiable", None, boxed("14"), num_tool_calls=2)  # MRA 0.3 < 0.5
+    assert (wrong.acc, wrong.correct, wrong.tool_bonus, wrong.total) == (pytest.approx(0.3), False, 0.0,
+                                                                         pytest.approx(0.3))
     with pytest.raises(ValueError, match="holds no number"):
         score("B", "vsi_numerical", None, boxed("3"), num_tool_calls=0)
 

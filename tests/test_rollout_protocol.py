@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+import data
 import ofr
 import rollout
 from rollout import EndReason, parse_action
@@ -42,9 +43,26 @@ def test_render_prompt_with_official_format_template_file(tmp_path):
     ("<answer>\n\\boxed{4}\n</answer>", "\n\\boxed{4}\n", None),
     ("<answer>\\boxed{4}</answer>", "\\boxed{4}", None),    # DONE, although the strict reward gate rejects it
     ("<code>\n```python\nprint(1)\n```\n</code><answer>A</answer>", "A", None),                    # answer wins
+    # an empty last answer is no answer (official truthiness test): the code runs, or the action holds neither
+    ("<answer></answer>\n<code>\n```python\nprint(1)\n```\n</code>", None, "print(1)"),
+    ("<answer>A</answer> then <answer></answer>", None, None),
+    ("<answer> </answer>", " ", None),                                                              # truthy: DONE
 ])
 def test_parse_action(text, answer, code):
     assert parse_action(text) == (answer, code)
+
+
+def test_empty_answer_before_code_runs_the_code(tiny_policy, image_tasks_dir):
+    """The official loop runs the code after `<answer></answer>`, counts the call and goes on; it does not end DONE."""
+    from sandbox import SandboxPool
+    from test_rollout import ANSWER, CODE, ReplayEngine
+    _, p = tiny_policy
+    task = data.load_tasks(image_tasks_dir / "tasks.json")[0][0]
+    engine = ReplayEngine(p, ["<answer></answer>\n" + CODE.format("print(6 * 7)"), ANSWER.format(task.answer)])
+    with SandboxPool(timeout=20) as pool:
+        [traj] = rollout.rollout([task], engine, p, pool.open, rollout.RolloutConfig())
+    assert traj.end_reason == EndReason.DONE and traj.num_tool_calls == 1 and len(traj.turns) == 2
+    assert traj.turns[0].exec_status == "ok" and "42" in traj.turns[0].observation
 
 
 def test_observation_strings_are_the_official_ones():
