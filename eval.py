@@ -89,12 +89,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import config
 import data
 import models
 import reward
 import rollout
 import tiny
-import train
 from data import DataError, Task
 from models import VLProcessor
 
@@ -103,14 +103,16 @@ from models import VLProcessor
 # Config
 # ---------------------------------------------------------------------------------------------------------------------
 
-_f = train.config_field
+_f = config.config_field
 
 
 ENGINES = ("hf", "vllm", "scripted")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(rollout.RolloutConfig, reward.JudgeConfig, models.ImageBounds):
+    """One evaluation run. The protocol settings are the rollout's (rollout.RolloutConfig, inherited with their flags;
+    the evaluation budgets below override the training defaults), and so are the judge and the image bounds."""
     # what to evaluate (used by the command line; evaluate() receives the tasks, engine and processor)
     model: str = _f("", "checkpoint name or path (hf, vllm; scripted: its tokenizer; empty with scripted builds a tiny "
                         "one in OUTPUT_DIR/tiny_model)")
@@ -124,23 +126,10 @@ class EvalConfig:
     device: str = _f("", "device of the hf engine (empty: cuda when available, else cpu)")
     vllm_gpu_memory: float = _f(0.85, "vllm: fraction of the GPU's memory for weights, activations and KV cache")
     vllm_eager: bool = _f(False, "vllm: no CUDA graphs or torch.compile (starts in seconds, decodes slower)")
-    min_pixels: int = _f(0, "in-context image lower bound in pixels (0: the checkpoint's own; paper: 3136)")
-    max_pixels: int = _f(0, "in-context image upper bound in pixels (0: the checkpoint's own; paper: 2000000)")
     # protocol (method.md §2.4, §9)
     max_turns: int = _f(30, "generation rounds per trajectory (paper evaluation: 30)")
     max_response_tokens: int = _f(28672, "token budget after the prompt, tool text and images included "
                                          "(32K context − 4096 for the prompt)")
-    max_turn_tokens: int = _f(10240, "token budget of one generation round")
-    max_images: int = _f(32, "images in context, the input included, before EXCEED_MAX_IMAGE_NUM")
-    on_error: str = _f("terminate", "a code error ends the trajectory (terminate, as trained) or is fed back (feedback)")
-    max_tool_text_chars: int = _f(4000, "tool output beyond this many characters is cut in the middle")
-    tool_timeout_s: float = _f(30.0, "wall-clock limit of one tool call")
-    tool_workers: int = _f(8, "sandbox calls running at once")
-    video_context: str = _f("on_demand", "video tasks: on_demand (paper: video only in the sandbox) or full_context "
-                                         "(uniform frames in the prompt, the baseline)")
-    full_context_fps: float = _f(1.0, "full_context: frames per second put into the prompt")
-    template_file: str = _f("", "prompt templates JSON (the official rl_system_prompt_template.json); empty: ours")
-    template_key: str = _f("", "key of the template in TEMPLATE_FILE")
     # sampling (method.md §5)
     temperature: float = _f(0.5, "sampling temperature (paper: 0.01 on V* and video, 0.5 elsewhere; 0: greedy)")
     top_p: float = _f(1.0, "nucleus sampling")
@@ -151,9 +140,6 @@ class EvalConfig:
     tool_coef: float = _f(0.1, "tool reward per call, paid when correct (only reported: evaluation ranks by accuracy)")
     strict: bool = _f(True, "official answer gate <answer>\\n\\boxed{..}\\n</answer>; --no-strict also accepts "
                             "looser answer formats")
-    judge_url: str = _f("", "OpenAI-compatible judge endpoint, e.g. http://127.0.0.1:8000/v1 (needed by judged sources: "
-                            "vstar, hrbench-*, math benchmarks, vsi)")
-    judge_model: str = _f("judge", "model name served at JUDGE_URL")
     # running
     batch_size: int = _f(8, "tasks per rollout call (all their pending samples run together)")
     retry_errors: bool = _f(False, "on resume, run again the samples recorded with an error")
@@ -185,12 +171,7 @@ class EvalConfig:
         return cls(**(BENCHMARK_SAMPLING[name] | {"benchmark_defaults": name} | overrides))
 
     def rollout_config(self) -> rollout.RolloutConfig:
-        return rollout.RolloutConfig(max_turns=self.max_turns, max_response_tokens=self.max_response_tokens,
-                                     max_turn_tokens=self.max_turn_tokens, max_images=self.max_images,
-                                     on_error=self.on_error, max_tool_text_chars=self.max_tool_text_chars,
-                                     tool_timeout_s=self.tool_timeout_s, tool_workers=self.tool_workers,
-                                     template_file=self.template_file or None, template_key=self.template_key or None,
-                                     video_context=self.video_context, full_context_fps=self.full_context_fps)
+        return config.derive(rollout.RolloutConfig, self)
 
 
 # Protocol settings per benchmark (method.md §5 "Paper evaluation", a single summary source: treat as probable).
@@ -212,7 +193,7 @@ def parse_eval_args(argv: Sequence[str] | None = None) -> tuple[EvalConfig, list
     """-> (config, run dirs to compare). Precedence: flags given > --benchmark-defaults row > dataclass defaults."""
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint on validation files (PyVision-RL protocol). "
                                                  "Subcommand: `eval.py prepare --help` converts benchmark releases.")
-    train.add_config_flags(parser, EvalConfig)
+    config.add_config_flags(parser, EvalConfig)
     parser.add_argument("--compare", nargs="+", metavar="RUN_DIR", default=None,
                         help="print a side-by-side markdown table of finished runs and exit")
     args = vars(parser.parse_args(argv))
@@ -415,12 +396,6 @@ def run_batch(batch: list[tuple[Task, list[int]]], engine, processor: VLProcesso
         return refused + records, [t for t, r in zip(trajs, records) if r.error is None]
 
 
-def make_judge(cfg: EvalConfig) -> reward.Judge | None:
-    """A sample the judge cannot score in its budget is masked and recorded as that sample's error (a rerun with
-    --retry-errors judges it again); the samples it did score are never sent again."""
-    return reward.Judge(base_url=cfg.judge_url, model=cfg.judge_model, on_failure="mask") if cfg.judge_url else None
-
-
 def evaluate(tasks: Sequence[Task], engine, processor: VLProcessor, cfg: EvalConfig, out_dir: str | Path,
              dropped_rows: Sequence[data.BadRow] = ()) -> dict:
     """Run `cfg.samples` samples of every task, resuming from `out_dir/samples.jsonl`; write and return results.json.
@@ -440,7 +415,7 @@ def evaluate(tasks: Sequence[Task], engine, processor: VLProcessor, cfg: EvalCon
     if cfg.retry_errors:
         done = {key: record for key, record in done.items() if record.error is None}
 
-    judge = make_judge(cfg)
+    judge = cfg.make_judge()   # masked samples are recorded as errors: --retry-errors judges them again
     blocked = unscorable_tasks(tasks, judge)
     # no rollout is spent on a sample no verifier could score
     unroutable = [error_record(t, k, "route", blocked[t.id]) for t in tasks if t.id in blocked

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from config import config_field as _f
+
 # Qwen's special tokens, in the order Qwen2.5-VL assigns them. The tiny tokenizer reserves the same set so every
 # code path (chat template, pad expansion, token-type ids) is exercised exactly as with the real vocabulary.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -294,6 +296,14 @@ def atomic_dir(path: str | os.PathLike, replace: bool = False):
         raise
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+@dataclass
+class ImageBounds:
+    """The in-context image bounds one run uses everywhere: the processor that training and evaluation build, and
+    hence vLLM's resizing (rollout.VLLMEngine takes them from the processor). train.py and eval.py inherit them."""
+    min_pixels: int = _f(0, "in-context image lower bound in pixels (0: the checkpoint's own; paper: 3136)")
+    max_pixels: int = _f(0, "in-context image upper bound in pixels (0: the checkpoint's own; paper: 2000000)")
 
 
 def load_policy(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "auto", device: str = "cpu",

@@ -60,9 +60,11 @@ import math
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
+
+from config import config_field as _f
 
 log = logging.getLogger(__name__)
 
@@ -138,28 +140,23 @@ def group_stds(rewards, group_ids: Sequence[Hashable]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- configuration and records
-@dataclass(frozen=True)
+@dataclass
 class OFRConfig:
-    train_groups: int = 16
-    """groups to train on per step (the paper's training batch size)"""
-    group_size: int = 8
-    """rollouts per prompt (n); every drawn group must have exactly this many"""
-    max_draws: int = 8
-    """cap on generation batches drawn per step"""
-    std_sort: bool = True
-    """rank survivors by group reward std (the paper); False keeps the first ones in arrival order"""
-    std_norm: bool = False
-    """divide advantages by the group std (ablation; the paper removes it)"""
-    whole_groups: bool = True
-    """keep/cut whole groups; False ranks single trajectories as the official code does and may split a group"""
-    adv_timing: Literal["before_filter", "after_filter"] = "before_filter"
-    """group baseline over the full generated group (official) or over the kept members"""
-    require_image: bool = False
-    """drop trajectories that never received an image observation (official `hasimage` filter)"""
+    """OFR's settings (docs/method.md §6); train.py inherits them and their flags."""
+    group_size: int = _f(8, "rollouts per prompt (the GRPO group); every drawn group must have exactly this many")
+    train_groups: int = _f(16, "groups trained on per step (the paper's training batch)")
+    max_draws: int = _f(4, "cap on generation batches drawn per step; at the cap, train on what survived")
+    std_sort: bool = _f(True, "rank groups by reward std (the paper); --no-std-sort: first come, first kept")
+    std_norm: bool = _f(False, "divide advantages by the group std (ablation; the paper removes it)")
+    whole_groups: bool = _f(True, "keep or cut whole groups; --no-whole-groups ranks single trajectories as the "
+                                  "official code does and may split a group")
+    adv_timing: str = _f("before_filter", "group baseline over the full generated group (before_filter, official) or "
+                                          "over the kept members (after_filter)", ["before_filter", "after_filter"])
+    require_image: bool = _f(False, "drop trajectories that never received an image observation (the official "
+                                    "`hasimage` filter)")
+    # not flags: the official keep-list, and the std guard under std_norm
     keep_end_reasons: frozenset[str] = END_REASONS - BROKEN_END_REASONS
-    """end reasons that may be trained on (official: DONE, EXCEED_MAX_TURNS, ERROR_IN_ACTION)"""
     eps: float = 1e-6
-    """added to the std under std_norm"""
 
     def __post_init__(self):
         for name in ("train_groups", "group_size", "max_draws"):

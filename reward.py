@@ -78,6 +78,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
+from config import config_field as _f
+
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- format gate (method.md §4.1, step 1)
@@ -552,6 +554,19 @@ class Judge:
                 raise JudgeError(message)
             log.warning("%s; masking %d sample(s)", message, len(pending))
         return verdicts
+
+
+@dataclass
+class JudgeConfig:
+    """The judge settings train.py and eval.py share (they inherit these fields and flags)."""
+    judge_url: str = _f("", "OpenAI-compatible judge endpoint, e.g. http://127.0.0.1:8000/v1 (needed by judged data "
+                            "sources; a sample the judge cannot score within its budget is masked)")
+    judge_model: str = _f("judge", "model name served at JUDGE_URL")
+
+    def make_judge(self) -> Judge | None:
+        """The judge client, or None without a URL. A sample it cannot score in its budget is masked, never scored 0:
+        training drops that group (ofr.py), evaluation records it as the sample's error."""
+        return Judge(base_url=self.judge_url, model=self.judge_model, on_failure="mask") if self.judge_url else None
 
 
 def _name_list(names: Iterable[str], shown: int = 20) -> str:

@@ -73,6 +73,7 @@ from typing import Iterable, Literal, Protocol, Sequence
 import torch
 from PIL import Image
 
+from config import config_field as _f
 from data import Task
 from models import IMAGE_PLACEHOLDER, VLProcessor
 
@@ -166,7 +167,7 @@ BUILTIN_TEMPLATES = {"default": DEFAULT_TEMPLATES, "short": SHORT_TEMPLATES}
 
 def load_template(template_file: str | Path | None, template_key: str | None, mode: Literal["image", "video"]) -> str:
     """Without a file, `template_key` picks a built-in set ("default" or "short"); with a file, a key in it."""
-    if template_file is None:
+    if not template_file:
         if (template_key or "default") not in BUILTIN_TEMPLATES:
             raise KeyError(f"no built-in template set {template_key!r}; use {sorted(BUILTIN_TEMPLATES)} or a file")
         return BUILTIN_TEMPLATES[template_key or "default"][mode]
@@ -628,19 +629,24 @@ def make_engine(name: str, model=None, processor: VLProcessor | None = None, **k
 
 @dataclass
 class RolloutConfig:
-    max_turns: int = 5                  # generation rounds; at most max_turns-1 tool calls (paper: "turn budget 4")
-    max_response_tokens: int = 20480    # actions + observations + image tokens after the prompt (OVER_LENGTH)
-    max_turn_tokens: int = 10240        # per generation round (ERROR_IN_ACTION when hit)
-    max_images: int = 32                # images in context incl. the input (EXCEED_MAX_IMAGE_NUM)
-    on_error: Literal["terminate", "feedback"] = "terminate"
-    max_tool_text_chars: int = 4000     # tool text beyond this is cut in the middle
-    tool_timeout_s: float = 30.0
-    tool_workers: int = 8               # sandbox calls running at once
-    template_file: str | None = None
-    template_key: str | None = None
-    video_context: Literal["on_demand", "full_context"] = "on_demand"   # the paper's ablation (method.md §9)
-    full_context_fps: float = 1.0       # full context: frames per second put into the prompt
-    full_context_max_frames: int = 64
+    """The protocol's budgets and options (docs/method.md §2.4). train.py and eval.py inherit these settings and their
+    flags; the defaults are the paper's training values (eval.py overrides the evaluation budgets)."""
+    max_turns: int = _f(5, "generation rounds per trajectory; at most MAX_TURNS-1 tool calls (paper: a turn budget of 4)")
+    max_response_tokens: int = _f(20480, "token budget after the prompt: actions, tool text and images (OVER_LENGTH)")
+    max_turn_tokens: int = _f(10240, "token budget of one generation round (ERROR_IN_ACTION when hit)")
+    max_images: int = _f(32, "images in context, the input included, before EXCEED_MAX_IMAGE_NUM")
+    on_error: str = _f("terminate", "a code error ends the trajectory (terminate: the paper) or is fed back (feedback)",
+                       ["terminate", "feedback"])
+    max_tool_text_chars: int = _f(4000, "tool output beyond this many characters is cut in the middle")
+    tool_timeout_s: float = _f(30.0, "wall-clock limit of one tool call")
+    tool_workers: int = _f(8, "sandbox calls running at once")
+    template_file: str = _f("", "prompt templates JSON (the official rl_system_prompt_template.json); empty: built-in")
+    template_key: str = _f("", "key in TEMPLATE_FILE, or a built-in set (default, short); empty: default")
+    video_context: str = _f("on_demand", "video tasks: on_demand (the paper: video only in the sandbox) or "
+                                         "full_context (uniform frames in the prompt, the baseline; §9)",
+                            ["on_demand", "full_context"])
+    full_context_fps: float = _f(1.0, "full_context: frames per second put into the prompt")
+    full_context_max_frames: int = _f(64, "full_context: most frames put into the prompt")
 
 
 def start_trajectory(task: Task, group_id: int, sample_index: int, processor: VLProcessor,

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import config
 import data
 import models
 import rollout
@@ -42,7 +43,7 @@ import train
 from rollout import Trajectory
 
 
-_f = train.config_field
+_f = config.config_field
 
 
 @dataclass
@@ -76,9 +77,9 @@ class SFTConfig:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> SFTConfig:
-    parser = train.add_config_flags(argparse.ArgumentParser(description="Supervised cold start on multi-turn "
+    parser = config.add_config_flags(argparse.ArgumentParser(description="Supervised cold start on multi-turn "
                                                                         "trajectories."), SFTConfig)
-    return SFTConfig(**train.given_flags(parser.parse_args(argv)))
+    return SFTConfig(**config.given_flags(parser.parse_args(argv)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -70,41 +70,46 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint.api import CheckpointException   # a BaseException, not an Exception
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+import config
 import data
+import eval as evaluation
 import models
 import ofr
 import reward
 import rollout
 import tiny
 from rollout import Trajectory
+from sandbox import SandboxPool
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------------------
 
-def config_field(default, help: str, choices: Sequence | None = None):
-    """A config dataclass field with its --help text and, for a choice, its allowed values (checked when the flags are
-    parsed, before any work). train.py, sft.py and eval.py build their flags from these."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-_f = config_field
+_f = config.config_field
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(rollout.RolloutConfig, ofr.OFRConfig, reward.JudgeConfig, models.ImageBounds):
+    """Everything one run reads. The rollout, OFR, judge and image-bound settings are declared in their own files
+    (rollout.RolloutConfig, ofr.OFRConfig, reward.JudgeConfig, models.ImageBounds) and inherited with their flags."""
     preset: str = _f("tiny", "starting values: tiny (CPU tests), demo (the CPU demo), paper-image and paper-video (the "
                              "paper's text), released-image and released-video (the released script)",
                      ["tiny", "demo", "paper-image", "paper-video", "released-image", "released-video"])
@@ -120,10 +125,7 @@ class TrainConfig:
     max_steps: int = _f(20, "RL steps")
     seed: int = _f(0, "seed for data order, sampling and the scripted expert")
     # batch shape (paper: 32 prompts generated per batch, 16 trained per step, 8 rollouts each)
-    group_size: int = _f(8, "rollouts per prompt (GRPO group)")
     gen_batch_prompts: int = _f(32, "prompts per generation batch (the oversampling batch)")
-    train_groups: int = _f(16, "groups trained on per step (the training batch)")
-    max_draws: int = _f(4, "cap on generation batches per step; at the cap, train on what survived")
     mini_batches: int = _f(1, "optimiser steps per RL step (1 = on-policy)")
     micro_batch: int = _f(4, "most trajectories per forward/backward (gradient accumulation inside a mini-batch)")
     micro_batch_tokens: int = _f(0, "padded tokens per forward/backward: trajectories are sorted by length and packed "
@@ -151,35 +153,13 @@ class TrainConfig:
     offload: bool = _f(False, "fsdp2: keep parameters, gradients and AdamW state in host memory (CPUOffloadPolicy)")
     dist_timeout_min: float = _f(60.0, "collective timeout in minutes (NCCL's 10-minute default kills a job whose "
                                        "ranks wait on a long checkpoint write)")
-    min_pixels: int = _f(0, "in-context image lower bound in pixels, for training, rollouts and evaluation alike "
-                            "(0: the checkpoint's own; paper: 3136)")
-    max_pixels: int = _f(0, "in-context image upper bound in pixels (0: the checkpoint's own; paper: 2000000)")
-    # reward and OFR (the paper's ablation switches)
+    # reward (coefficient 0 is the paper's ablation)
     tool_coef: float = _f(0.1, "accumulative tool reward per call, paid only when correct (0 = ablation)")
-    std_sort: bool = _f(True, "rank groups by reward std (False: first come, first kept)")
-    std_norm: bool = _f(False, "divide advantages by the group std (ablation)")
-    whole_groups: bool = _f(True, "OFR keeps whole groups (False: official per-trajectory cut)")
-    adv_timing: str = _f("before_filter", "group baseline before_filter (official) or after_filter",
-                         ["before_filter", "after_filter"])
-    require_image: bool = _f(False, "OFR drops trajectories that never got an image back (official hasimage filter)")
-    # rollout
-    max_turns: int = _f(5, "generation rounds per trajectory (max_turns-1 tool calls: the paper's turn budget 4)")
-    max_response_tokens: int = _f(20480, "token budget after the prompt, observations and images included")
-    max_turn_tokens: int = _f(10240, "token budget of one generation round")
+    # rollout sampling and the vLLM engine
     temperature: float = _f(1.0, "rollout sampling temperature")
     top_p: float = _f(1.0, "rollout nucleus sampling")
     vllm_gpu_memory: float = _f(0.4, "vllm: fraction of the GPU's memory it takes (the trainer shares the GPU)")
     vllm_eager: bool = _f(False, "vllm: no CUDA graphs or torch.compile (starts in seconds, decodes slower)")
-    on_error: str = _f("terminate", "code errors end the trajectory (paper) or are fed back (feedback)",
-                       ["terminate", "feedback"])
-    video_context: str = _f("on_demand", "on_demand (video only in the sandbox) or full_context (frames in the prompt)",
-                            ["on_demand", "full_context"])
-    template_file: str = _f("", "prompt templates JSON (the official rl_system_prompt_template.json); empty: built-in")
-    template_key: str = _f("", "key in TEMPLATE_FILE, or a built-in set (default, short); empty: default")
-    tool_timeout_s: float = _f(30.0, "wall-clock limit of one tool call")
-    judge_url: str = _f("", "OpenAI-compatible judge endpoint, e.g. http://127.0.0.1:8000/v1 (needed by judged data "
-                            "sources; a sample the judge cannot score in time is masked: OFR drops its group)")
-    judge_model: str = _f("judge", "model name served at JUDGE_URL")
     # logging, checkpoints, evaluation
     save_every: int = _f(10, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = _f(2, "newest checkpoints kept on disk")
@@ -219,25 +199,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> argparse.ArgumentParser:
-    """One flag per dataclass field (`--max-steps` for `max_steps`), help from the field's metadata. Defaults are None so
-    callers can tell given flags from defaults (presets apply underneath given flags). Shared by sft.py and eval.py."""
-    for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
-        text = f.metadata["help"].replace("%", "%%") + f" (default: {f.default!r})"
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
-        if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None, help=text,
-                                choices=f.metadata.get("choices"))
-    return parser
-
-
-def given_flags(namespace: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(namespace).items() if v is not None}
-
-
 # the smallest value each count accepts (checked before any work; a GRPO group of one has advantage 0 everywhere)
 MINIMUM = {"max_steps": 1, "group_size": 2, "gen_batch_prompts": 1, "train_groups": 1, "max_draws": 1,
            "mini_batches": 1, "micro_batch": 1, "micro_batch_tokens": 0, "logprob_chunk": 1, "max_turns": 1,
@@ -249,8 +210,9 @@ RUN_CONTROL = {"resume", "keep_config", "max_steps", "output_dir", "save_every",
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """Preset values apply unless a flag is given; counts are checked, and a resumed run keeps its own config."""
-    parser = add_config_flags(argparse.ArgumentParser(description="GRPO + OFR training (PyVision-RL)."), TrainConfig)
-    given = given_flags(parser.parse_args(argv))
+    parser = config.add_config_flags(argparse.ArgumentParser(description="GRPO + OFR training (PyVision-RL)."),
+                                     TrainConfig)
+    given = config.given_flags(parser.parse_args(argv))
     cfg = TrainConfig(**(PRESETS[given.get("preset", TrainConfig.preset)] | given))
     for name, least in MINIMUM.items():
         if getattr(cfg, name) < least:
@@ -267,7 +229,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 def resumed_config(cfg: TrainConfig, saved: dict, path: Path) -> TrainConfig:
     """The run's own settings win over changed flags (a resumed run that silently changed its lr or batch would be
     neither the old experiment nor a new one), except those in RUN_CONTROL; each difference is named."""
-    changed = {k: v for k, v in dataclasses.asdict(cfg).items()
+    changed = {k: v for k, v in config.flag_values(cfg).items()
                if k in saved and k not in RUN_CONTROL and saved[k] != v}
     for name, value in changed.items():
         action = "keeping the run's value (--no-keep-config to change it)" if cfg.keep_config else "using the flag"
@@ -572,7 +534,6 @@ def export_model(model, processor, path: Path, dtype: str, d: Dist) -> None:
     written whole or not at all (models.atomic_dir); every rank calls this (the gather is a collective). Tied weights
     (Qwen's lm_head = embeddings) come back from the gather as two copies; the tied one is left out, as from_pretrained
     ties it again."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.main:
         policy, torch_dtype = unwrap(model), models.resolve_dtype(dtype)
@@ -591,8 +552,6 @@ def save_checkpoint(out: Path, step: int, model, optimizer, stream: PromptStream
     """Write ckpt/step_N atomically: each rank writes its own shard of the float32 master weights and AdamW state
     (torch.distributed.checkpoint, no gather), rank 0 the RNG states and the stream position, all into a temp dir that
     is renamed only when every rank has finished. Multi-node runs need OUTPUT_DIR on a shared file system."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     final, tmp = out / "ckpt" / f"step_{step:06d}", out / "ckpt" / f".tmp_step_{step:06d}"
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -616,8 +575,6 @@ def save_checkpoint(out: Path, step: int, model, optimizer, stream: PromptStream
 def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
     """Read this rank's shards of a checkpoint into the (wrapped) model and optimiser in place, and its RNG state;
     returns the checkpoint's meta. Resharding is torch.distributed.checkpoint's: any layout can resume any other."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=path / "shards", no_dist=not dist.is_initialized())
@@ -631,7 +588,6 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
 def resume(out: Path, model, optimizer, d: Dist) -> dict | None:
     """Load the newest readable checkpoint; one that fails to load is named with its error and the previous one is
     tried (all ranks fail together: the sharded load is a collective). None when there is none."""
-    from torch.distributed.checkpoint.api import CheckpointException   # a BaseException: name it to catch it
     found = checkpoints(out)
     for k, path in enumerate(found):
         try:
@@ -669,7 +625,6 @@ def wrap_model(model, cfg: TrainConfig, d: Dist):
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.parallel == "fsdp2":
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         shard = dict(mp_policy=MixedPrecisionPolicy(param_dtype=models.resolve_dtype(cfg.dtype),
                                                     reduce_dtype=torch.float32),
                      offload_policy=(CPUOffloadPolicy(pin_memory=torch.cuda.is_available())   # pinning needs a GPU
@@ -687,7 +642,6 @@ def wrap_model(model, cfg: TrainConfig, d: Dist):
 def full_weights(model):
     """(name, unsharded float32 tensor) for every weight, one at a time, for the rollout engine (which casts each to
     its own dtype); under FSDP2 each one is all-gathered, so every rank walks this in the same order."""
-    from torch.distributed.tensor import DTensor
     for name, tensor in unwrap(model).state_dict().items():
         yield name, (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
 
@@ -710,7 +664,7 @@ class MetricsLog:
             self.tb = SummaryWriter(str(out / "tb"))
         if enabled and cfg.wandb:
             import wandb
-            self.wandb = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg), dir=str(out))
+            self.wandb = wandb.init(project=cfg.wandb, config=config.flag_values(cfg), dir=str(out))
 
     def _read(self, through_step: int) -> list[dict]:
         """The rows up to `through_step`; a torn line (a full disk, a kill mid-write) ends the readable part."""
@@ -814,7 +768,7 @@ def setup(cfg: TrainConfig, d: Dist, out: Path) -> Run:
     np.random.seed(cfg.seed + d.rank)
     torch.manual_seed(cfg.seed + d.rank)
     model_path, tasks = prepare_inputs(cfg, out, d)
-    judge = reward.Judge(base_url=cfg.judge_url, model=cfg.judge_model, on_failure="mask") if cfg.judge_url else None
+    judge = cfg.make_judge()
     reward.check_routable(((t.data_source, t.ability) for t in tasks), judge)   # fail now, not mid-step
     # the master weights are float32 whatever the compute dtype: at lr 1e-6 almost every AdamW update of a bfloat16
     # weight would round away. The image bounds set here are the ones rollouts (vLLM included) and evaluation use.
@@ -844,13 +798,7 @@ def setup(cfg: TrainConfig, d: Dist, out: Path) -> Run:
     engine = make_train_engine(cfg, model if replica is None else replica, processor, model_path, d.rank)
     if meta and engine_has_own_weights:
         engine.sync_weights(full_weights(train_model))
-    rollout_cfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
-                                        max_turn_tokens=cfg.max_turn_tokens, on_error=cfg.on_error,
-                                        tool_timeout_s=cfg.tool_timeout_s, video_context=cfg.video_context,
-                                        template_file=cfg.template_file or None, template_key=cfg.template_key or None)
-    ofr_cfg = ofr.OFRConfig(train_groups=cfg.train_groups, group_size=cfg.group_size, max_draws=cfg.max_draws,
-                            std_sort=cfg.std_sort, std_norm=cfg.std_norm, whole_groups=cfg.whole_groups,
-                            adv_timing=cfg.adv_timing, require_image=cfg.require_image)
+    rollout_cfg, ofr_cfg = config.derive(rollout.RolloutConfig, cfg), config.derive(ofr.OFRConfig, cfg)
     return Run(model, train_model, ref_model, processor, optimizer, engine, engine_has_own_weights, stream, start_step,
                extra, rollout_cfg, ofr_cfg, judge)
 
@@ -936,10 +884,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"--output-dir {out} holds a run already: --resume continues it, or choose another directory")
     out.mkdir(parents=True, exist_ok=True)
     if d.main:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        (out / "config.json").write_text(json.dumps(config.flag_values(cfg), indent=1))
     run = setup(cfg, d, out)
     log = MetricsLog(out, cfg, d.main, resumed_at=run.start_step if cfg.resume else None)
-    from sandbox import SandboxPool
     with SandboxPool(timeout=cfg.tool_timeout_s) as sandboxes:
         # an evaluation due at the resumed checkpoint that a stop interrupted runs now
         if eval_due(cfg, run.start_step) and not all_gather_objects(log.has(run.start_step, "eval/accuracy"), d)[0]:
@@ -1030,17 +977,13 @@ def periodic_eval(cfg: TrainConfig, run: Run, out: Path, step: int, log: Metrics
     when it has them (vLLM, or the replica under FSDP2, where the sharded policy cannot run alone), else with the
     policy itself; rank 0 gathers the samples and writes the report. (Rank 0 alone would leave the others waiting in a
     collective for the whole evaluation.)"""
-    import eval as evaluation
     tasks, _ = data.load_tasks(cfg.eval_data)
     if run.engine_has_own_weights:
         engine = copy.copy(run.engine)
         engine.temperature = 0.0
     else:
         engine = rollout.make_engine("hf", run.model, run.processor, temperature=0.0)
-    eval_cfg = evaluation.EvalConfig(max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
-                                     max_turn_tokens=cfg.max_turn_tokens, temperature=0.0,
-                                     template_file=cfg.template_file, template_key=cfg.template_key,
-                                     video_context=cfg.video_context)
+    eval_cfg = config.derive(evaluation.EvalConfig, cfg, temperature=0.0)   # the run's protocol, judge and bounds
     report_dir = out / "eval" / f"step_{step:06d}"
     part_dir = report_dir / f"rank_{d.rank}" if d.world > 1 else report_dir
     results = evaluation.evaluate(tasks[d.rank::d.world], engine, run.processor, eval_cfg, part_dir)

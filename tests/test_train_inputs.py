@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import config
 import ofr
 import train
 
@@ -44,7 +45,7 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
 
 
 def test_resume_keeps_the_runs_own_settings_and_names_each_change(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps(vars(train.TrainConfig(lr=3e-5, group_size=8))))
+    (tmp_path / "config.json").write_text(json.dumps(config.flag_values(train.TrainConfig(lr=3e-5, group_size=8))))
     cfg = train.parse_config(["--output-dir", str(tmp_path), "--resume", "--lr", "1e-4", "--max-steps", "50"])
     assert cfg.lr == 3e-5 and cfg.max_steps == 50          # max_steps may grow; the lr is the run's
     out = capsys.readouterr().out
