@@ -1,8 +1,8 @@
-"""eval.py — judge a checkpoint on the paper's benchmarks: the evaluation protocol, metrics, reports (method.md §9, §5).
+"""eval.py — judge a checkpoint on the paper's benchmarks: the evaluation protocol, metrics, reports (docs/method.md §9, §5).
 
 What this file is
     PyVision-RL is reported on V* (avg@32), HRBench-4K/8K, MathVerse, MathVision, WeMath, DynaMath, TIR-Bench and
-    VSI-Bench, with a 30-turn budget and a 32K context (method.md §9). This file runs that protocol on any file in the
+    VSI-Bench, with a 30-turn budget and a 32K context (docs/method.md §9). This file runs that protocol on any file in the
     official validation format `{id, question, answer, ability, data_source, image_path | video_path}` (data.py):
       * `evaluate(tasks, engine, processor, cfg, out_dir)` rolls every task out `cfg.samples` times through the same
         agent loop as training (rollout.rollout, one sandbox per trajectory from sandbox.SandboxPool), scores it
@@ -25,7 +25,7 @@ How to run
     (`python eval.py --help` lists every setting; `python eval.py prepare --help` the benchmarks.)
 
 Protocol defaults (every one is a flag)
-    max_turns 30 and a 32K context (method.md §9). The context is prompt + response; `max_response_tokens` bounds the
+    max_turns 30 and a 32K context (docs/method.md §9). The context is prompt + response; `max_response_tokens` bounds the
     response (actions, tool text and returned images), so its default 28672 = 32768 − 4096 leaves room for the largest
     prompt: an in-context image at the paper's max_pixels = 2,000,000 is ≤ 2,551 tokens, plus ≈ 1K of instructions
     (video prompts are text only, ≈ 1K). Per-turn cap 10240 and ≤ 32 images per trajectory as in training (§2.4).
@@ -56,8 +56,8 @@ Differences from the paper / official code
       two-image items are skipped by the converter (the image scaffold has one image).
     * A sample that fails (missing media, judge down) is counted in n_errors and left out of the accuracy, not scored as
       wrong; retry it with --retry-errors.
-    * Video runs use on-demand context only: rollout.py has no full-context mode yet, so an on-demand vs full-context
-      comparison needs that mode there first (`--compare` then works on the two output directories).
+    * Video runs use on-demand context by default; `--video-context full_context` puts uniformly sampled frames in the
+      prompt instead (the paper's baseline), and `--compare` sets the two output directories side by side.
     * Sampling fields apply when eval.py builds the engine (CLI, `build_engine`); a caller passing its own engine (e.g.
       train.py's periodic evaluation) owns that engine's sampling.
 """
@@ -126,11 +126,11 @@ class EvalConfig(rollout.RolloutConfig, reward.JudgeConfig, models.ImageBounds):
     device: str = _f("", "device of the hf engine (empty: cuda when available, else cpu)")
     vllm_gpu_memory: float = _f(0.85, "vllm: fraction of the GPU's memory for weights, activations and KV cache")
     vllm_eager: bool = _f(False, "vllm: no CUDA graphs or torch.compile (starts in seconds, decodes slower)")
-    # protocol (method.md §2.4, §9)
+    # protocol (docs/method.md §2.4, §9)
     max_turns: int = _f(30, "generation rounds per trajectory (paper evaluation: 30)")
     max_response_tokens: int = _f(28672, "token budget after the prompt, tool text and images included "
                                          "(32K context − 4096 for the prompt)")
-    # sampling (method.md §5)
+    # sampling (docs/method.md §5)
     temperature: float = _f(0.5, "sampling temperature (paper: 0.01 on V* and video, 0.5 elsewhere; 0: greedy)")
     top_p: float = _f(1.0, "nucleus sampling")
     top_k: int = _f(20, "top-k sampling (0: off; paper: 20 on image benchmarks other than V*)")
@@ -174,7 +174,7 @@ class EvalConfig(rollout.RolloutConfig, reward.JudgeConfig, models.ImageBounds):
         return config.derive(rollout.RolloutConfig, self)
 
 
-# Protocol settings per benchmark (method.md §5 "Paper evaluation", a single summary source: treat as probable).
+# Protocol settings per benchmark (docs/method.md §5 "Paper evaluation", a single summary source: treat as probable).
 # Keys are the `prepare` benchmark names. The image rows also restore the paper's in-context image bounds (§2.1).
 _PAPER_IMAGE_PIXELS = dict(min_pixels=3136, max_pixels=2_000_000)
 _IMAGE_ELSEWHERE = dict(temperature=0.5, top_p=1.0, top_k=20, samples=1) | _PAPER_IMAGE_PIXELS

@@ -1,4 +1,4 @@
-"""reward.py — the reward of one trajectory: R = acc + c · n_tool_calls · 1[correct]   (method.md §4.1, §4.2).
+"""reward.py — the reward of one trajectory: R = acc + c · n_tool_calls · 1[correct]   (docs/method.md §4.1, §4.2).
 
 What this file is
     The accuracy reward and the accumulative tool reward of PyVision-RL, as pure functions plus one network client.
@@ -82,7 +82,7 @@ from config import config_field as _f
 
 log = logging.getLogger(__name__)
 
-# ---------------------------------------------------------------- format gate (method.md §4.1, step 1)
+# ---------------------------------------------------------------- format gate (docs/method.md §4.1, step 1)
 ANSWER_OPEN = "<answer>\n\\boxed{"        # the strict form opens with exactly these characters …
 ANSWER_CLOSE = "\n</answer>"              # … and the brace closing \boxed{ must be followed by exactly these
 MAX_ANSWER_CHARS = 1000                   # official anti-hacking rule: a longer answer could argue with the judge
@@ -353,7 +353,7 @@ def check_routable(tasks: Iterable[tuple[str, str | None]], judge: Judge | None)
     return routes
 
 
-# ---------------------------------------------------------------- LLM-as-judge (method.md §4.1, step 2)
+# ---------------------------------------------------------------- LLM-as-judge (docs/method.md §4.1, step 2)
 JUDGE_SYSTEM_PROMPT = "You are a helpful assistant."
 JUDGE_INSTRUCTIONS = (
     "You will compare two answers to the same question. [Question] is the question, [Standard Answer] is the "
@@ -576,7 +576,7 @@ def _name_list(names: Iterable[str], shown: int = 20) -> str:
     return f"[{', '.join(names[:shown])}{rest}]"
 
 
-# ---------------------------------------------------------------- the reward (method.md §4.2)
+# ---------------------------------------------------------------- the reward (docs/method.md §4.2)
 @dataclass(frozen=True)
 class ScoreRequest:
     """One trajectory to score. `options` are the multiple-choice texts (a list lettered A, B, … or a letter → text

@@ -1,14 +1,14 @@
 """rollout.py — the multi-turn agent loop: think -> code -> tool output -> ... -> answer, token-in token-out.
 
 What this file is
-    The heart of PyVision-RL (method.md §2, §12 "rollout"). A batch of tasks x n samples becomes `Trajectory` records. Each
+    The heart of PyVision-RL (docs/method.md §2, §12 "rollout"). A batch of tasks x n samples becomes `Trajectory` records. Each
     trajectory is ONE token sequence, built incrementally and never re-tokenized:
         prompt | action_1 | observation_1 | action_2 | ... | action_k
     with an action mask that is 1 exactly on model-generated tokens, plus every image in context (the input image and each
     figure the tool returned) as pixel values and grid sizes, so the trainer can recompute log-probs over the full
-    interleaved sequence (method.md §2.5).
+    interleaved sequence (docs/method.md §2.5).
 
-    The protocol is the official one, string for string (method.md §2.1-§2.4):
+    The protocol is the official one, string for string (docs/method.md §2.1-§2.4):
       * actions stop at `</code>` (kept); code is the last ```python block inside <code>...</code> (fallback: the last bare
         ```python block); the last `<answer>...</answer>` ends the episode unless it is empty;
       * observations are new user turns `<tool_response><interpreter>Text Result: ... Image Result: <image_clue_k>...`,
@@ -26,12 +26,13 @@ What this file is
     sandbox's error included, which `Turn.tool_error` keeps even when the error ended the episode unseen by the model.
 
 How to run
-    python rollout.py --engine scripted --data runs/data/image/tasks.json --n 2 --html runs/rollout.html
-    python rollout.py --engine hf --model runs/tiny --data runs/data/image/tasks.json --n 4
+    rollout.py is a library (train.py, eval.py and sft.py drive it). To watch the loop with the expert as the policy:
+    python eval.py --engine scripted --data runs/demo/data/heldout/tasks.json --output-dir runs/eval/expert
+    (then open runs/eval/expert/trajectories.html); `python -m pytest -q tests/test_rollout.py` runs its checks.
 
 Differences from the official code
     * The instruction text is a template. We ship our own wording (same instructions, same placeholders); pass the
-      official `rl_system_prompt_template.json` with `--prompt-template FILE --template-key KEY` to give the released
+      official `rl_system_prompt_template.json` with `--template-file FILE --template-key KEY` to give the released
       checkpoints exactly the prompt they were trained on.
     * On EXCEED_MAX_TURNS the last code is not executed (the official code executes it and throws the result away).
     * Errors can be fed back to the model (`on_error="feedback"`, the predecessor PyVision's behaviour) instead of ending
@@ -80,7 +81,7 @@ from models import IMAGE_PLACEHOLDER, VLProcessor
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The protocol strings (method.md §2)
+# The protocol strings (docs/method.md §2)
 # ---------------------------------------------------------------------------------------------------------------------
 
 STOP = "</code>"
@@ -188,7 +189,7 @@ def render_prompt(question: str, width: int | None = None, height: int | None = 
 
 
 def parse_action(text: str) -> tuple[str | None, str | None]:
-    """-> (answer, code): the last <answer> block wins; else the last code block (official order, method.md §2.2).
+    """-> (answer, code): the last <answer> block wins; else the last code block (official order, docs/method.md §2.2).
     An empty last block (`<answer></answer>`) is no answer and the code block still runs: the official tool
     (`verl_agents/verl/workers/agent/envs/agents_x/safe_persis_python_exe_tool_*.py`) tests the answer's truthiness.
     Whitespace alone is truthy, so `<answer> </answer>` ends the episode there and here."""
@@ -207,7 +208,7 @@ def truncate_middle(text: str, limit: int) -> str:
 
 
 def observation_text(mode: Literal["image", "video"], text: str, first_label: int, num_images: int) -> str:
-    """The official observation turn (method.md §2.3). The image and video sandboxes differ in one newline each."""
+    """The official observation turn (docs/method.md §2.3). The image and video sandboxes differ in one newline each."""
     if num_images == 0:
         trail = "\n" if mode == "video" else ""
         body = f"<interpreter>\nText Result:\n{text}{trail}</interpreter>"
@@ -651,7 +652,7 @@ class RolloutConfig:
 
 def start_trajectory(task: Task, group_id: int, sample_index: int, processor: VLProcessor,
                      cfg: RolloutConfig) -> Trajectory:
-    """Build the first user turn (method.md §2.1): image in context + instructions, or video metadata only (or, for
+    """Build the first user turn (docs/method.md §2.1): image in context + instructions, or video metadata only (or, for
     the full-context baseline, sampled frames as a Qwen video input)."""
     if task.media_kind == "image":
         image = Image.open(task.image_path).convert("RGB")
@@ -766,7 +767,7 @@ def _one_round(trajs, active, turn, engine, processor, cfg, sandboxes, sandbox_f
         _append(traj, res.token_ids, is_action=True)
         answer, code = parse_action(action)
         traj.turns.append(Turn(action, len(res.token_ids), res.finish_reason, code=code, generate_s=gen_s))
-        # 2) end checks, in the official order (method.md §2.4)
+        # 2) end checks, in the official order (docs/method.md §2.4)
         if traj.response_len >= cfg.max_response_tokens or len(traj.input_ids) >= context:
             traj.end_reason = EndReason.OVER_LENGTH
         elif res.finish_reason == "length" or not res.token_ids:
