@@ -151,6 +151,22 @@ def test_paper_preset_step_moves_the_float32_master_weights_and_two_ranks_match_
     assert config["dtype"] == "bfloat16"       # the export is in the dtype asked for
 
 
+def test_released_preset_with_offload_trains_and_resumes_on_two_ranks(tmp_path, tiny_dir, image_tasks_dir):
+    """--preset released-image: FSDP2 with parameters, gradients and AdamW state offloaded to host memory, four
+    optimiser steps per RL step; its sharded checkpoint resumes into the same state (the second step equals an
+    uninterrupted run's)."""
+    released = ["--model", str(tiny_dir), "--data", str(image_tasks_dir / "tasks.json"), "--lr", "1e-4",
+                "--group-size", "4", "--gen-batch-prompts", "4", "--train-groups", "4", "--max-draws", "3",
+                "--eval-every", "0"]
+    straight = run_train(tmp_path / "straight", *released, preset="released-image", ranks=2, steps=2)
+    run_train(tmp_path / "resumed", *released, preset="released-image", ranks=2, steps=1)
+    resumed = run_train(tmp_path / "resumed", *released, "--resume", preset="released-image", ranks=2, steps=2)
+    config = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert config["offload"] and config["mini_batches"] == 4
+    assert straight[1]["loss/policy"] == pytest.approx(resumed[1]["loss/policy"], rel=1e-6, abs=1e-9)
+    assert straight[1]["grad/norm"] == pytest.approx(resumed[1]["grad/norm"], rel=1e-6)
+
+
 @pytest.mark.parametrize("parallel", ["fsdp2", "ddp"])
 def test_bfloat16_compute_on_float32_master_weights(tiny_dir, expert_batch, parallel):
     """With --dtype bfloat16 the blocks compute in bfloat16 (FSDP2 gathers bfloat16 copies of its shards; one process
