@@ -639,7 +639,7 @@ def generate_video_tasks(n: int, seed: int, out_dir: str | Path | None) -> list[
     """Write `out_dir/tasks.json` and `out_dir/videos/*.mp4` (same seed, same bytes). With out_dir=None, text only."""
     def write(frames: Iterator[np.ndarray], path: Path) -> None:
         # PyAV only where a video is written: image-only work and the tokenizer corpus (out_dir=None) run without it
-        from video_context import write_video
+        from video_reader import write_video
         write_video(path, frames, fps=VIDEO_FPS, gop_size=VIDEO_GOP_FRAMES)
     return _write_task_set(iter_video_tasks(n, seed), out_dir, "videos", ".mp4", write)
 

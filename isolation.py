@@ -10,7 +10,7 @@ What this file is
 
 How it runs (one template process per pool, one process tree per trajectory)
     * A template ("zygote") process, `python -I -c PROGRAM FD MODE ROOT` with sandbox.py's program, imports the
-      runtime once (`preload`: numpy, PIL, matplotlib, video_context, one warm-up figure), then forks a worker per
+      runtime once (`preload`: numpy, PIL, matplotlib, video_reader, one warm-up figure), then forks a worker per
       trajectory on request; idle spares are kept forked so opening a trajectory costs a file write and one round
       trip, not an interpreter start.
     * Parent <-> template: a SOCK_SEQPACKET socket carrying JSON (spawn / kill) and, on spawn, the worker's end of a

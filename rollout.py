@@ -77,6 +77,7 @@ from PIL import Image
 from config import config_field as _f
 from data import Task
 from models import IMAGE_PLACEHOLDER, VLProcessor
+from video_context import video_info, video_prompt
 
 log = logging.getLogger(__name__)
 
@@ -652,8 +653,9 @@ class RolloutConfig:
 
 def start_trajectory(task: Task, group_id: int, sample_index: int, processor: VLProcessor,
                      cfg: RolloutConfig) -> Trajectory:
-    """Build the first user turn (docs/method.md §2.1): image in context + instructions, or video metadata only (or, for
-    the full-context baseline, sampled frames as a Qwen video input)."""
+    """Build the first user turn (docs/method.md §2.1): image in context + instructions; for video the turn
+    `video_context.video_prompt` builds: the instructions with the video's metadata only (or, for the full-context
+    baseline, sampled frames as a Qwen video input)."""
     if task.media_kind == "image":
         image = Image.open(task.image_path).convert("RGB")
         instructions = render_prompt(task.question, width=image.width, height=image.height,
@@ -667,22 +669,11 @@ def start_trajectory(task: Task, group_id: int, sample_index: int, processor: VL
         ids = processor.encode_text(processor.expand_pads(text, grid.tolist()))
         return Trajectory(task, group_id, sample_index, "image", ids, [0] * len(ids), len(ids), [image],
                           [pixel_values], grid.tolist(), image_s=image_s)
-    from video_context import sample_uniform, video_info
     instructions = render_prompt(task.question, video_info=video_info(task.video_path),
                                  template_file=cfg.template_file, template_key=cfg.template_key)
-    if cfg.video_context == "on_demand":   # the paper: metadata only; the frames stay in the sandbox
-        text = processor.apply_chat_template([{"role": "user", "content": instructions}])
-        ids = processor.encode_text(text)
-        return Trajectory(task, group_id, sample_index, "video", ids, [0] * len(ids), len(ids), [], [], [])
-    # the full-context baseline: uniformly sampled frames in the prompt as one Qwen video (the sandbox keeps the video)
-    frames, times = sample_uniform(task.video_path, fps=cfg.full_context_fps, max_frames=cfg.full_context_max_frames)
-    sample_fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else cfg.full_context_fps
-    pixel_values_videos, grid = processor.encode_video(frames)
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"},
-                                                                       {"type": "text", "text": "\n" + instructions}]}])
-    ids = processor.encode_text(processor.expand_pads(text, [], [grid]))
-    video_inputs = {"pixel_values_videos": pixel_values_videos, "video_grid_thw": torch.tensor([grid]),
-                    "second_per_grid_ts": torch.tensor([processor.geometry.temporal_patch_size / sample_fps])}
+    text, video_inputs = video_prompt(instructions, task.video_path, processor, cfg.video_context,
+                                      cfg.full_context_fps, cfg.full_context_max_frames)
+    ids = processor.encode_text(text)
     return Trajectory(task, group_id, sample_index, "video", ids, [0] * len(ids), len(ids), [], [], [],
                       video_inputs=video_inputs)
 

@@ -8,7 +8,7 @@ What this file is
     process forks one isolated worker per trajectory (namespaces, rlimits, its own uid, pool budgets, cleanup), with
     a weaker fallback where namespaces are unavailable; its docstring says what is isolated and what is not.
     * The runtime (`_preload_runtime`, `_Runtime`): the code sees `image_clue_0..` (the input images as PIL RGB at
-      original resolution), for video `video_clue_0` (a decord-compatible `video_context.VideoReader`), and `np`,
+      original resolution), for video `video_clue_0` (a decord-compatible `video_reader.VideoReader`), and `np`,
       `plt` (Agg), `Image`, `io`, `base64` and `display`.
     * Figure capture (`_Capture`, `display`): `plt.show()` (also from functions defined in earlier calls),
       `fig.show()`, `Image.show()` and `display(x)` for PIL images, numpy arrays and figures return images. They are
@@ -365,10 +365,10 @@ def _preload_runtime() -> None:
     _RUNTIME.update(np=np, plt=plt, Image=Image, io=io, base64=base64, Figure=matplotlib.figure.Figure)
     sys.path.insert(0, _HERE)
     try:
-        import video_context   # PyAV-backed decord-compatible reader, shared by every video trajectory
-        _RUNTIME["video_context"] = video_context
-    except Exception as e:   # a broken video_context must not take image sandboxes down with it
-        _RUNTIME["video_context_error"] = f"{type(e).__name__}: {e}"
+        import video_reader   # PyAV-backed decord-compatible reader, shared by every video trajectory
+        _RUNTIME["video_reader"] = video_reader
+    except Exception as e:   # a broken video_reader must not take image sandboxes down with it
+        _RUNTIME["video_reader_error"] = f"{type(e).__name__}: {e}"
     finally:
         sys.path.remove(_HERE)
 
@@ -508,13 +508,13 @@ class _Runtime:
         return {"status": "ok", "notes": notes}
 
     def _open_video(self, path: str, notes: list[str]):
-        video_context = _RUNTIME.get("video_context")
-        if video_context is None:
-            notes.append(f"video_context is not importable ({_RUNTIME['video_context_error']}); "
+        video_reader = _RUNTIME.get("video_reader")
+        if video_reader is None:
+            notes.append(f"video_reader is not importable ({_RUNTIME['video_reader_error']}); "
                          "video_clue_0 is the video's path")
             return path
-        video_context.install_decord_alias()   # `from decord import VideoReader, cpu` works, as in the official code
-        return video_context.VideoReader(path)
+        video_reader.install_decord_alias()   # `from decord import VideoReader, cpu` works, as in the official code
+        return video_reader.VideoReader(path)
 
     def run(self, code: str) -> dict:
         self.cells += 1

@@ -92,6 +92,7 @@ import data
 import eval as evaluation
 import models
 import ofr
+import reports
 import reward
 import rollout
 import tiny
@@ -991,8 +992,8 @@ def periodic_eval(cfg: TrainConfig, run: Run, out: Path, step: int, log: Metrics
         samples = [s for part in all_gather_objects(results["samples"], d) for s in part]
         results = evaluation.summarize([evaluation.SampleRecord(**s) for s in samples], eval_cfg.samples)
         if d.main:
-            evaluation.write_reports(results | {"config": dataclasses.asdict(eval_cfg)}, report_dir, [],
-                                     title=f"step {step}, {d.world} ranks")
+            reports.write_reports(results | {"config": dataclasses.asdict(eval_cfg)}, report_dir, [],
+                                  title=f"step {step}, {d.world} ranks")
     log.write(step, {f"eval/{k}": v for k, v in results["summary"].items() if isinstance(v, (int, float))})
 
 

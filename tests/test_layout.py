@@ -78,4 +78,4 @@ def test_docstring_commands_run_with_flags_that_exist():
 
 # scripts whose first argument may be a subcommand with its own flags
 SUBCOMMANDS = {"eval.py": ("prepare", "ablation-report", "demo-summary"),
-               "bench/vllm_bench.py": ("loop", "sync", "decode"), "video_context.py": ("info", "tokens")}
+               "bench/vllm_bench.py": ("loop", "sync", "decode"), "video_context.py": ("info",)}

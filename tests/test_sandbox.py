@@ -39,12 +39,12 @@ def test_sandbox_without_a_pool_uses_one_process_wide_pool():
         assert a.config.timeout == 5 and sandbox.default_pool() is a._pool is b._pool
 
 
-def test_video_is_opened_with_video_context_reader(pool, tmp_path):
-    video_context = pytest.importorskip("video_context")
+def test_video_is_opened_with_video_reader(pool, tmp_path):
+    video_reader = pytest.importorskip("video_reader")
     frames = [np.full((32, 48, 3), 40 * i, np.uint8) for i in range(5)]
     private = tmp_path / "private"
     private.mkdir(mode=0o700)                  # root-only: a worker uid reads it via CAP_DAC_READ_SEARCH
-    video_context.write_video(private / "clip.mp4", frames, fps=5)
+    video_reader.write_video(private / "clip.mp4", frames, fps=5)
     with pool.open(video=private / "clip.mp4") as sb:
         r = sb.run("from decord import VideoReader, cpu\n"
                    "print(type(video_clue_0).__name__, len(video_clue_0), video_clue_0[2].asnumpy().shape)")

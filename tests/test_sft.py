@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 import data
-import eval as evaluation
 import models
+import reports
 import sft
 import train
 
@@ -125,5 +125,5 @@ def test_demo_pipeline_end_to_end_at_test_size(tmp_path, tiny_dir, image_tasks_d
         assert key in summary, key
     assert summary["wall_s"] == 20.0 and summary["n_heldout"] == 12
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "summary.md").is_file()
-    table = evaluation.ablation_report(tmp_path / "abl")
+    table = reports.ablation_report(tmp_path / "abl")
     assert "full" in table and (tmp_path / "abl" / "curves.png").is_file()

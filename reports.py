@@ -1,0 +1,271 @@
+"""reports.py — what a reader looks at after a run: results.md, plots, side-by-side tables, the CPU demo's summary, the
+ablation report and training curves (docs/method.md §9).
+
+What this file is
+    Everything here reads finished numbers and writes files for people; nothing here runs a model or computes a metric
+    (eval.summarize does, under the paper's protocol).
+      * `write_reports(results, out, trajectories, title)`: `results.json` (what eval.summarize returned),
+        `results.md`, `accuracy_vs_visual_tokens.png`, `tool_calls_hist.png` and `trajectories.html`
+        (rollout.write_html). eval.evaluate and train.py's periodic evaluation call it.
+      * `compare(run_dirs)`: a markdown side-by-side table of finished evaluations (SFT vs RL, on-demand vs
+        full-context...): summary metrics, then accuracy per data source.
+      * `demo_summary(...)`: the CPU demo's summary.json, summary.md and curves.png (`make demo`).
+      * `ablation_report(root)`: runs named LABEL-sSEED under ROOT -> curves.png and a table of each run's last steps,
+        mean ± spread over seeds (`make ablations`).
+      * `plot_training_curves(runs, path)`: keys of train.py's metrics.jsonl, one line per run label, min-max over
+        seeds shaded.
+
+How to run (eval.py's command line dispatches here)
+    python eval.py --compare runs/eval/vstar-sft runs/eval/vstar-rl
+    python eval.py ablation-report runs/ablations
+    python eval.py demo-summary --sft-eval runs/demo/eval_sft --rl-eval runs/demo/eval_rl --train-dir runs/demo/rl \\
+        --timings-dir runs/demo/timings --out runs/demo
+
+Differences from the paper / official code
+    * The paper shows tables and figures, not the code that made them: every file here, its layout and the curves'
+      smoothing (a trailing mean over 5 steps) are ours.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+import rollout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One evaluation: results.json, results.md, plots, the trajectory viewer
+# ---------------------------------------------------------------------------------------------------------------------
+
+def fmt(value) -> str:
+    """A table cell: floats to 3 decimals (whole numbers from 100 on), – for a metric with no value."""
+    if value is None:
+        return "–"
+    if isinstance(value, (bool, int)):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+SUMMARY_ROWS = ("accuracy", "correct_frac", "avg_at_k", "acc_tool", "acc_no_tool", "tool_calls_mean",
+                "tool_calls_zero_frac", "turns_mean", "visual_tokens_mean", "response_tokens_mean", "wellformed_frac",
+                "wall_s_per_sample", "n_samples", "n_errors")
+GROUP_COLUMNS = ("n_samples", "accuracy", "correct_frac", "tool_calls_mean", "turns_mean", "visual_tokens_mean",
+                 "n_errors")
+
+
+def results_markdown(results: dict, title: str) -> str:
+    s, at_k = results["summary"], results["avg_at_k"]
+    parts = [f"# Evaluation: {title}", "",
+             _table(["metric", "value"], [(name, s.get(name)) for name in SUMMARY_ROWS if name in s]), "",
+             f"avg@{at_k['k']}: {fmt(at_k['avg'])} (pass@{at_k['k']} {fmt(at_k['pass'])}, "
+             f"std of the per-run accuracies {fmt(at_k['std'])})", ""]
+    for heading, key in (("Per data source", "per_source"), ("Per data source / ability", "per_ability")):
+        rows = [(name, *(g[c] for c in GROUP_COLUMNS)) for name, g in results[key].items()]
+        parts += [f"## {heading}", "", _table(["group", *GROUP_COLUMNS], rows), ""]
+    parts += ["## End reasons", "", _table(["end reason", "samples"], s["end_reasons"].items()), ""]
+    if s["errors"]:
+        parts += ["## Most frequent errors", "", _table(["error", "samples"], s["errors"].items()), ""]
+    dropped = results.get("dropped_rows", [])
+    if dropped:   # rows that never became tasks: not in any count above
+        reasons = Counter(f"field {row['field']!r}: {row['problem']}" for row in dropped)
+        parts += [f"## Rows dropped at load: {len(dropped)}", "", _table(["reason", "rows"], reasons.most_common(10)), ""]
+    return "\n".join(parts)
+
+
+def plot_accuracy_vs_visual_tokens(results: dict, path: Path) -> None:
+    """One point per source/ability group (and the overall mean): where the visual-token budget goes and what it buys."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6.4, 4.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, g in results["per_ability"].items():
+        if g["accuracy"] is not None:
+            ax.scatter(g["visual_tokens_mean"], g["accuracy"], s=20 + 4 * math.sqrt(g["n_scored"]))
+            ax.annotate(name, (g["visual_tokens_mean"], g["accuracy"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    s = results["summary"]
+    if s["accuracy"] is not None:
+        ax.scatter(s["visual_tokens_mean"], s["accuracy"], marker="*", s=160, color="black", label="all samples")
+        ax.legend(loc="lower right")
+    ax.set(xlabel="visual tokens per sample (input + returned images)", ylabel="accuracy", ylim=(-0.05, 1.05),
+           title="accuracy vs visual tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_tool_call_histogram(records: Sequence[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    scored = [r for r in records if r["error"] is None]
+    top = max((r["num_tool_calls"] for r in scored), default=0)
+    counts = {outcome: [sum(1 for r in scored if r["num_tool_calls"] == n and bool(r["correct"]) == outcome)
+                        for n in range(top + 1)] for outcome in (True, False)}
+    fig = Figure(figsize=(6.4, 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(range(top + 1), counts[True], label="correct", color="tab:green")
+    ax.bar(range(top + 1), counts[False], bottom=counts[True], label="not correct", color="tab:red")
+    ax.set(xlabel="tool calls per trajectory", ylabel="samples", title="tool calls per trajectory")
+    ax.set_xticks(range(top + 1))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_reports(results: dict, out: Path, trajectories: Sequence[rollout.Trajectory], title: str) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (out / "results.md").write_text(results_markdown(results, title or str(out)), encoding="utf-8")
+    plot_accuracy_vs_visual_tokens(results, out / "accuracy_vs_visual_tokens.png")
+    plot_tool_call_histogram(results["samples"], out / "tool_calls_hist.png")
+    if trajectories:   # a resumed run with nothing left to do keeps the viewer of the run that made the samples
+        rollout.write_html(trajectories, out / "trajectories.html", title=f"Evaluation trajectories: {title}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training runs and side-by-side tables
+# ---------------------------------------------------------------------------------------------------------------------
+
+CURVE_KEYS = ("acc/mean", "reward/mean", "tool/calls_mean", "rollout/turns_mean", "adv/neg_correct_frac",
+              "ofr/kept_frac")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no training metrics at {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_training_curves(runs: dict[str, Sequence[str | Path]], path: Path, keys: Sequence[str] = CURVE_KEYS,
+                         smooth: int = 5) -> None:
+    """One panel per metric; one line per run label: each seed's trailing mean over `smooth` steps (a step sees only a
+    few prompts, so raw values jump), then the mean over seeds, shaded min-max when there are several."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    cols = 3
+    fig = Figure(figsize=(4.2 * cols, 3.2 * math.ceil(len(keys) / cols)))
+    FigureCanvasAgg(fig)
+    for k, key in enumerate(keys):
+        ax = fig.add_subplot(math.ceil(len(keys) / cols), cols, k + 1)
+        for label, run_dirs in runs.items():
+            series = [{m["step"]: m.get(key) for m in read_metrics(d)} for d in run_dirs]
+            steps = sorted(set.intersection(*(set(s) for s in series)))
+            raw = np.array([[s[t] if s[t] is not None else np.nan for s in series] for t in steps], float)  # (steps, seeds)
+            values = np.array([raw[max(0, i - smooth + 1):i + 1].mean(0) for i in range(len(steps))])  # (steps, seeds)
+            line, = ax.plot(steps, values.mean(1), label=label)
+            if len(run_dirs) > 1:
+                ax.fill_between(steps, values.min(1), values.max(1), alpha=0.2, color=line.get_color())
+        ax.set(title=f"{key} ({smooth}-step mean)" if smooth > 1 else key, xlabel="RL step")
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def demo_summary(sft_eval: str | Path, rl_eval: str | Path, train_dir: str | Path, timings_dir: str | Path,
+                 out: str | Path) -> dict:
+    """The CPU demo's summary.json, summary.md and curves.png from its two evaluations and its RL run."""
+    out = Path(out)
+    sft = json.loads((Path(sft_eval) / "results.json").read_text())["summary"]
+    rl = json.loads((Path(rl_eval) / "results.json").read_text())["summary"]
+    stages = {p.stem: float(p.read_text()) for p in sorted(Path(timings_dir).glob("*.s"))}
+    summary = {"sft_acc_tool": sft["acc_tool"], "rl_acc_tool": rl["acc_tool"],
+               "sft_acc_no_tool": sft["acc_no_tool"], "rl_acc_no_tool": rl["acc_no_tool"],
+               "sft_acc": sft["accuracy"], "rl_acc": rl["accuracy"],
+               "sft_tool_calls": sft["tool_calls_mean"], "rl_tool_calls": rl["tool_calls_mean"],
+               "sft_wellformed": sft["wellformed_frac"], "rl_wellformed": rl["wellformed_frac"],
+               "sft_turns": sft["turns_mean"], "rl_turns": rl["turns_mean"],
+               "n_heldout": sft["n_samples"], "stage_wall_s": stages, "wall_s": sum(stages.values())}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(compare([sft_eval, rl_eval]) + "\n")
+    plot_training_curves({"RL (full recipe)": [train_dir]}, out / "curves.png")
+    return summary
+
+
+ABLATION_KEYS = ("acc/mean", "tool/calls_mean", "rollout/turns_mean", "adv/neg_correct_frac",
+                 "rollout/visual_tokens_mean")
+
+
+def ablation_report(root: str | Path, last: int = 5) -> str:
+    """Runs under ROOT named LABEL-sSEED: curves.png (mean over seeds, min-max shaded) and a markdown table of the
+    last `last` steps' mean per run, as mean ± spread over seeds."""
+    root = Path(root)
+    runs: dict[str, list[Path]] = defaultdict(list)
+    for run_dir in sorted(p for p in root.iterdir() if (p / "metrics.jsonl").is_file()):
+        runs[run_dir.name.rsplit("-s", 1)[0]].append(run_dir)
+    if not runs:
+        raise FileNotFoundError(f"no run with a metrics.jsonl under {root}")
+    plot_training_curves(runs, root / "curves.png", ABLATION_KEYS)
+    rows = []
+    for label, run_dirs in runs.items():
+        cells = []
+        for key in ABLATION_KEYS:
+            per_seed = []
+            for d in run_dirs:
+                tail = [m[key] for m in read_metrics(d)[-last:] if m.get(key) is not None]
+                if tail:
+                    per_seed.append(statistics.fmean(tail))
+            cells.append(f"{statistics.fmean(per_seed):.3f} ± {(max(per_seed) - min(per_seed)) / 2:.3f}"
+                         if per_seed else "–")
+        rows.append([label, str(len(run_dirs)), *cells])
+    table = _table(["run", "seeds", *(f"{k} (last {last} steps)" for k in ABLATION_KEYS)], rows)
+    (root / "summary.md").write_text(table + "\n")
+    return table
+
+
+COMPARE_ROWS = ("accuracy", "correct_frac", "avg_at_k", "acc_tool", "acc_no_tool", "tool_calls_mean", "turns_mean",
+                "visual_tokens_mean", "wellformed_frac", "wall_s_per_sample", "n_samples", "n_errors")
+
+
+def compare(run_dirs: Sequence[str | Path]) -> str:
+    """Markdown table: one column per finished run (its results.json), summary metrics then accuracy per source."""
+    runs = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{run_dir}: no results.json (is it a finished eval.py output directory?)")
+        runs.append(json.loads(path.read_text(encoding="utf-8")))
+    names = [Path(d).name or str(d) for d in run_dirs]
+    if len(set(names)) < len(names):   # same leaf names (runs/a/eval, runs/b/eval): show the whole paths
+        names = [str(d) for d in run_dirs]
+    rows = [(name, *(run["summary"].get(name) for run in runs)) for name in COMPARE_ROWS
+            if any(name in run["summary"] for run in runs)]
+    sources = sorted({source for run in runs for source in run["per_source"]})
+    rows += [(f"accuracy: {source}", *(run["per_source"].get(source, {}).get("accuracy") for run in runs))
+             for source in sources]
+    return _table(["metric", *names], rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command lines (eval.py dispatches its subcommands here)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def ablation_report_main(argv: Sequence[str]) -> None:
+    """`eval.py ablation-report [ROOT]`, used by `make ablations`."""
+    sub = argparse.ArgumentParser(prog="eval.py ablation-report", description=ablation_report.__doc__)
+    sub.add_argument("root", nargs="?", default="runs/ablations", help="the ablation runs' directory")
+    print(ablation_report(sub.parse_args(argv).root))
+
+
+def demo_summary_main(argv: Sequence[str]) -> None:
+    """`eval.py demo-summary --sft-eval ... --out ...`, used by `make demo`."""
+    sub = argparse.ArgumentParser(prog="eval.py demo-summary", description=demo_summary.__doc__)
+    for name in ("sft_eval", "rl_eval", "train_dir", "timings_dir", "out"):
+        sub.add_argument("--" + name.replace("_", "-"), required=True)
+    summary = demo_summary(**vars(sub.parse_args(argv)))
+    print(json.dumps({k: v for k, v in summary.items() if k != "stage_wall_s"}, indent=1))
