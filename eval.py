@@ -91,6 +91,7 @@ import rollout
 import tiny
 from data import Task
 from models import VLProcessor
+from sandbox import SandboxPool
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -394,7 +395,6 @@ def evaluate(tasks: Sequence[Task], engine, processor: VLProcessor, cfg: EvalCon
              dropped_rows: Sequence[data.BadRow] = ()) -> dict:
     """Run `cfg.samples` samples of every task, resuming from `out_dir/samples.jsonl`; write and return results.json.
     `dropped_rows` (rows of the data file that are not tasks) are listed in results.json and results.md."""
-    from sandbox import SandboxPool   # the sandbox starts worker processes: import it only when evaluating
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

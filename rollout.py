@@ -74,6 +74,7 @@ from typing import Iterable, Literal, Protocol, Sequence
 import torch
 from PIL import Image
 
+import reward
 from config import config_field as _f
 from data import Task
 from models import IMAGE_PLACEHOLDER, VLProcessor
@@ -724,7 +725,6 @@ def rollout(tasks: Sequence[Task], engine: Engine, processor: VLProcessor, sandb
 def score_trajectories(trajs: Sequence[Trajectory], processor: VLProcessor, tool_coef: float = 0.1, judge=None,
                        strict: bool = True) -> None:
     """Fill reward, correct and reward_parts (reward.py) from each trajectory's decoded response."""
-    import reward
     requests = [reward.ScoreRequest(t.task.answer, t.task.data_source, t.task.ability, t.response_text(processor),
                                     t.num_tool_calls, t.task.question, t.task.choices,
                                     sample_id=f"{t.task.id}/{t.sample_index}") for t in trajs]

@@ -41,6 +41,7 @@ import models
 import rollout
 import train
 from rollout import Trajectory
+from sandbox import SandboxPool
 
 
 _f = config.config_field
@@ -89,7 +90,6 @@ def parse_config(argv: Sequence[str] | None = None) -> SFTConfig:
 def expert_trajectories(tasks: Sequence[data.Task], processor: models.VLProcessor, cfg: SFTConfig) -> list[Trajectory]:
     """Run the scripted expert through the real loop; keep only trajectories that end correct (the official SFT data
     was filtered the same way)."""
-    from sandbox import SandboxPool
     expert = rollout.ScriptedExpert(processor, recover_rate=cfg.recover_rate,
                                     direct_rate=cfg.direct_rate, guess_rate=cfg.guess_rate, seed=cfg.seed)
     rcfg = rollout.RolloutConfig(max_turns=cfg.max_turns, on_error="feedback", template_key=cfg.template_key,
