@@ -75,12 +75,17 @@ $(DEMO)/summary.json: $(DEMO)/eval_sft/results.json $(DEMO)/eval_rl/results.json
 clean:
 	rm -rf runs
 
-# ---- the paper's ablations in miniature: each from one cold start, 2 seeds -----------------------------------------
-# (8-20 min per run on one core, two runs at a time: ~2.5 h in all; runs resume, finished ones are skipped)
+# ---- the paper's ablations in miniature: each from one cold start, over seeds ---------------------------------------
+#   make ablations                                     every arm, seeds 1 2 3
+#   make ablations ARMS='full tool_coef_0' SEEDS='1 2'  a subset
+# (8-20 min per run on one core, two runs at a time; runs resume, finished ones are skipped). Each run's final
+# checkpoint is evaluated greedily on held-out tasks; `eval.py ablation-report` writes runs/ablations/summary.json
+# (per arm and seed: last-5-step means of tool calls, accuracy and turns, and the held-out accuracy), summary.md and
+# curves.png.
 ABL      := runs/ablations
-SEEDS    := 1 2
+SEEDS    := 1 2 3
 # the demo preset allows 3 rounds, i.e. a turn budget of 2 tool calls: `full` is also the budget-2 run of the pair
-ABLATIONS:= full tool_coef_0 no_std_sort std_norm turns_4 video_on_demand video_full_context
+ARMS     := full tool_coef_0 no_std_sort std_norm turns_4 video_on_demand video_full_context
 # their cold start is the teacher that always uses the tool (guess rate 0): the arms then differ only in the mechanism
 # each one changes, not in how fast RL brings tool use up from the demo's under-using cold start
 ABL_SFT  := $(ABL)/sft/model
@@ -88,10 +93,14 @@ IMAGE_RUN:= --model $(ABL_SFT) --data $(DEMO)/data/train/tasks.json
 # the video pair: the cold start continued on video expert trajectories, then RL on video tasks with the video only in
 # the sandbox (on demand, the paper's method) or its frames in the prompt (full context, the baseline)
 # (video code is longer than image code, and fetched frames come back as images: larger budgets; 12 steps)
-VIDEO_RUN:= --data $(DEMO)/data/video_train/tasks.json --max-turn-tokens 384 --max-response-tokens 2048 --max-steps 12
+VIDEO_ROLL:= --max-turn-tokens 384 --max-response-tokens 2048
+VIDEO_RUN:= --data $(DEMO)/data/video_train/tasks.json $(VIDEO_ROLL) --max-steps 12
 
 $(DEMO)/data/video_train/tasks.json: | $(STAMP)
 	$(PY) data.py --kind video --n 96 --seed 1 --out $(DEMO)/data/video_train
+
+$(DEMO)/data/video_heldout/tasks.json: | $(STAMP)
+	$(PY) data.py --kind video --n 48 --seed 2 --out $(DEMO)/data/video_heldout
 
 $(ABL_SFT)/config.json: $(DEMO)/model/config.json $(DEMO)/data/train/tasks.json
 	$(call cold_start,$(ABL)/sft,0)
@@ -102,6 +111,7 @@ $(ABL)/video_sft_%/model/config.json: $(ABL_SFT)/config.json $(DEMO)/data/video_
 	$(PY) sft.py --model $(ABL_SFT) --n-image 0 --video-tasks $(DEMO)/data/video_train/tasks.json \
 		--output-dir $(ABL)/video_sft_$* --epochs 10 --lr 2e-3 --max-turns 3 --video-context $* $(SHORT)
 
+# training flags and held-out evaluation flags of each arm
 flags_full               := $(IMAGE_RUN)
 flags_tool_coef_0        := $(IMAGE_RUN) --tool-coef 0
 flags_no_std_sort        := $(IMAGE_RUN) --no-std-sort
@@ -109,14 +119,28 @@ flags_std_norm           := $(IMAGE_RUN) --std-norm
 flags_turns_4            := $(IMAGE_RUN) --max-turns 5
 flags_video_on_demand    := $(VIDEO_RUN) --video-context on_demand --model $(ABL)/video_sft_on_demand/model
 flags_video_full_context := $(VIDEO_RUN) --video-context full_context --model $(ABL)/video_sft_full_context/model
-ABL_RUNS := $(foreach a,$(ABLATIONS),$(foreach s,$(SEEDS),$(ABL)/$(a)-s$(s)/final/config.json))
+IMAGE_HELDOUT := --data $(DEMO)/data/heldout/tasks.json $(SHORT) $(ROLL)
+VIDEO_HELDOUT := --data $(DEMO)/data/video_heldout/tasks.json $(SHORT) --max-turns 3 $(VIDEO_ROLL)
+heldout_full               := $(IMAGE_HELDOUT)
+heldout_tool_coef_0        := $(IMAGE_HELDOUT)
+heldout_no_std_sort        := $(IMAGE_HELDOUT)
+heldout_std_norm           := $(IMAGE_HELDOUT)
+heldout_turns_4            := $(IMAGE_HELDOUT) --max-turns 5
+heldout_video_on_demand    := $(VIDEO_HELDOUT) --video-context on_demand
+heldout_video_full_context := $(VIDEO_HELDOUT) --video-context full_context
+arm = $(firstword $(subst -s, ,$(1)))
+ABL_RUNS := $(foreach a,$(ARMS),$(foreach s,$(SEEDS),$(ABL)/$(a)-s$(s)/eval/results.json))
 
-# one run: runs/ablations/NAME-sSEED (NAME picks the flags above); the video arms also need their cold start
+# one run: runs/ablations/ARM-sSEED (ARM picks the flags above); the video arms also need their cold start
 $(ABL)/%/final/config.json: $(ABL_SFT)/config.json $(DEMO)/data/train/tasks.json
 	$(PY) train.py --preset demo --seed $(lastword $(subst -s, ,$*)) --output-dir $(ABL)/$* --resume \
-		$(flags_$(firstword $(subst -s, ,$*))) --html-every 0
+		$(flags_$(call arm,$*)) --html-every 0
 $(foreach s,$(SEEDS),$(ABL)/video_on_demand-s$(s)/final/config.json): $(ABL)/video_sft_on_demand/model/config.json
 $(foreach s,$(SEEDS),$(ABL)/video_full_context-s$(s)/final/config.json): $(ABL)/video_sft_full_context/model/config.json
+
+# its final checkpoint on held-out tasks, greedy, under the budgets it trained with
+$(ABL)/%/eval/results.json: $(ABL)/%/final/config.json $(DEMO)/data/heldout/tasks.json $(DEMO)/data/video_heldout/tasks.json
+	$(PY) eval.py --engine hf --model $(ABL)/$*/final --output-dir $(ABL)/$*/eval --temperature 0 $(heldout_$(call arm,$*))
 
 # two runs at a time with one thread each: on 2 cores that is faster than one run with two threads
 ablations: $(ABL_SFT)/config.json

@@ -202,8 +202,9 @@ ABLATION_KEYS = ("acc/mean", "tool/calls_mean", "rollout/turns_mean", "adv/neg_c
 
 
 def ablation_report(root: str | Path, last: int = 5) -> str:
-    """Runs under ROOT named LABEL-sSEED: curves.png (mean over seeds, min-max shaded) and a markdown table of the
-    last `last` steps' mean per run, as mean ± spread over seeds."""
+    """Runs under ROOT named ARM-sSEED: curves.png (mean over seeds, min-max shaded), summary.json (per arm and seed:
+    the last `last` steps' means of SUMMARY_KEYS and, where ARM-sSEED/eval/results.json exists, the held-out accuracy
+    of the final checkpoint) and summary.md (each as mean ± half the spread over seeds)."""
     root = Path(root)
     runs: dict[str, list[Path]] = defaultdict(list)
     for run_dir in sorted(p for p in root.iterdir() if (p / "metrics.jsonl").is_file()):
@@ -211,21 +212,32 @@ def ablation_report(root: str | Path, last: int = 5) -> str:
     if not runs:
         raise FileNotFoundError(f"no run with a metrics.jsonl under {root}")
     plot_training_curves(runs, root / "curves.png", ABLATION_KEYS)
+    summary = {arm: {run_dir.name.rsplit("-s", 1)[1]: run_summary(run_dir, last) for run_dir in run_dirs}
+               for arm, run_dirs in runs.items()}
+    (root / "summary.json").write_text(json.dumps(summary, indent=1))
+    columns = [*(f"{key} (last {last} steps)" for key in ABLATION_KEYS), "held-out accuracy"]
     rows = []
-    for label, run_dirs in runs.items():
+    for arm, seeds in summary.items():
         cells = []
-        for key in ABLATION_KEYS:
-            per_seed = []
-            for d in run_dirs:
-                tail = [m[key] for m in read_metrics(d)[-last:] if m.get(key) is not None]
-                if tail:
-                    per_seed.append(statistics.fmean(tail))
+        for key in [*ABLATION_KEYS, "heldout_accuracy"]:
+            per_seed = [values[key] for values in seeds.values() if values.get(key) is not None]
             cells.append(f"{statistics.fmean(per_seed):.3f} ± {(max(per_seed) - min(per_seed)) / 2:.3f}"
                          if per_seed else "–")
-        rows.append([label, str(len(run_dirs)), *cells])
-    table = _table(["run", "seeds", *(f"{k} (last {last} steps)" for k in ABLATION_KEYS)], rows)
+        rows.append([arm, str(len(seeds)), *cells])
+    table = _table(["arm", "seeds", *columns], rows)
     (root / "summary.md").write_text(table + "\n")
     return table
+
+
+def run_summary(run_dir: Path, last: int) -> dict:
+    """One run's last-`last`-step means of ABLATION_KEYS and its held-out accuracy (None before its evaluation)."""
+    metrics = read_metrics(run_dir)[-last:]
+    values = {key: statistics.fmean(tail) if (tail := [m[key] for m in metrics if m.get(key) is not None]) else None
+              for key in ABLATION_KEYS}
+    results = run_dir / "eval" / "results.json"
+    values["heldout_accuracy"] = (json.loads(results.read_text())["summary"]["accuracy"] if results.is_file()
+                                  else None)
+    return values
 
 
 COMPARE_ROWS = ("accuracy", "correct_frac", "avg_at_k", "acc_tool", "acc_no_tool", "tool_calls_mean", "turns_mean",

@@ -107,18 +107,19 @@ def test_demo_pipeline_end_to_end_at_test_size(tmp_path, tiny_dir, image_tasks_d
          "--template-key", "short")
     log = [json.loads(line) for line in (tmp_path / "sft" / "sft_log.jsonl").read_text().splitlines()]
     assert log and log[-1]["loss"] < log[0]["loss"]
+    evals = {"sft": tmp_path / "eval_sft", "rl": tmp_path / "abl" / "full-s1" / "eval"}   # where make puts them
     for name in ("sft", "rl"):
         model = tmp_path / "sft" / "model" if name == "sft" else tmp_path / "abl" / "full-s1" / "final"
         if name == "rl":
             _run("train.py", "--preset", "tiny", "--model", str(tmp_path / "sft" / "model"), "--data", tasks,
                  "--max-steps", "2", "--output-dir", str(tmp_path / "abl" / "full-s1"), "--template-key", "short")
-        _run("eval.py", "--engine", "hf", "--model", str(model), "--data", tasks, "--output-dir",
-             str(tmp_path / f"eval_{name}"), "--temperature", "0", *roll)
+        _run("eval.py", "--engine", "hf", "--model", str(model), "--data", tasks, "--output-dir", str(evals[name]),
+             "--temperature", "0", *roll)
     timings = tmp_path / "timings"
     timings.mkdir()
     (timings / "sft.s").write_text("12.5")
     (timings / "rl.s").write_text("7.5")
-    _run("eval.py", "demo-summary", "--sft-eval", str(tmp_path / "eval_sft"), "--rl-eval", str(tmp_path / "eval_rl"),
+    _run("eval.py", "demo-summary", "--sft-eval", str(evals["sft"]), "--rl-eval", str(evals["rl"]),
          "--train-dir", str(tmp_path / "abl" / "full-s1"), "--timings-dir", str(timings), "--out", str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in ("sft_acc_tool", "rl_acc_tool", "sft_tool_calls", "rl_tool_calls", "sft_wellformed", "wall_s"):
@@ -127,3 +128,8 @@ def test_demo_pipeline_end_to_end_at_test_size(tmp_path, tiny_dir, image_tasks_d
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "summary.md").is_file()
     table = reports.ablation_report(tmp_path / "abl")
     assert "full" in table and (tmp_path / "abl" / "curves.png").is_file()
+    seed = json.loads((tmp_path / "abl" / "summary.json").read_text())["full"]["1"]
+    rl_eval = json.loads((evals["rl"] / "results.json").read_text())
+    assert seed["heldout_accuracy"] == rl_eval["summary"]["accuracy"]
+    for key in ("tool/calls_mean", "acc/mean", "rollout/turns_mean"):
+        assert seed[key] is not None, key
