@@ -549,6 +549,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if argv and argv[0] in SUBCOMMANDS:
         SUBCOMMANDS[argv[0]](argv[1:])
         return None
+    models.set_cpu_threads()
     cfg, compare_dirs = parse_eval_args(argv)
     if compare_dirs:
         print(reports.compare(compare_dirs))

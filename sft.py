@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(argv)
     d = train.init_distributed()
     if d.device.type == "cpu":
-        train.set_cpu_threads()
+        models.set_cpu_threads()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 import data
 import rollout
 from models import (CHAT_TEMPLATE, IMAGE_PAD, SPECIAL_TOKENS, VIDEO_PAD, VISION_END, VISION_START, VLProcessor,
-                    atomic_dir, load_policy, warmup_cosine)
+                    atomic_dir, load_policy, set_cpu_threads, warmup_cosine)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The tiny offline checkpoint
@@ -259,6 +259,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the tokenizer corpus")
     parser.add_argument("--copy-steps", type=int, default=None, help="steps of copy pretraining (default: the size's)")
     args = parser.parse_args()
+    set_cpu_threads()
     path = build_tiny(args.out, seed=args.seed, size=args.size, copy_steps=args.copy_steps)
     n_params = sum(p.numel() for p in load_policy(path)[0].parameters())
     print(f"wrote {path} ({n_params / 1e6:.2f} M parameters)")

@@ -274,19 +274,6 @@ def init_distributed(timeout_min: float = 60.0, one_process_group: bool = False)
     return Dist(rank, world, local, device)
 
 
-def set_cpu_threads() -> int:
-    """torch's CPU threads: OMP_NUM_THREADS when set, else the cores this process may use less those already busy
-    (the 1-minute load average) shared among this node's ranks. torch's default takes every core, and when anything
-    else runs (another rank, the sandbox's tool processes, a second run) its spinning threads oversubscribe them:
-    runs were 3-7x slower on 2 cores."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0))
-    threads = max(1, int((cores - round(os.getloadavg()[0])) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    torch.set_num_threads(min(threads, cores))
-    return torch.get_num_threads()
-
-
 def all_gather_objects(obj, d: Dist) -> list:
     if d.world == 1:
         return [obj]
@@ -879,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(argv)
     d = init_distributed(cfg.dist_timeout_min, one_process_group=cfg.parallel == "fsdp2")
     if d.device.type == "cpu":
-        set_cpu_threads()
+        models.set_cpu_threads()
     out = Path(cfg.output_dir)
     if not cfg.resume and ((out / "metrics.jsonl").exists() or checkpoints(out)):
         raise SystemExit(f"--output-dir {out} holds a run already: --resume continues it, or choose another directory")

@@ -98,23 +98,25 @@ def test_a_step_that_trains_on_nothing_says_why():
 
 
 def test_cpu_threads_leave_busy_cores_and_other_ranks_alone(monkeypatch):
+    import models
     import torch
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     try:
-        monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
-        assert train.set_cpu_threads() == 4
-        monkeypatch.setattr(os, "getloadavg", lambda: (2.9, 0.0, 0.0))      # three cores busy elsewhere
-        assert train.set_cpu_threads() == 1
-        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        monkeypatch.setattr(models, "runnable_tasks", lambda: 1)             # alone: every core
+        assert models.set_cpu_threads() == 4
+        monkeypatch.setattr(models, "runnable_tasks", lambda: 4)             # three cores busy elsewhere
+        assert models.set_cpu_threads() == 1
+        monkeypatch.setattr(models, "runnable_tasks", lambda: 1)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")                          # two ranks on this node
-        assert train.set_cpu_threads() == 2
+        assert models.set_cpu_threads() == 2
         monkeypatch.setenv("OMP_NUM_THREADS", "3")                           # the user's setting wins
         torch.set_num_threads(3)
-        assert train.set_cpu_threads() == 3
+        assert models.set_cpu_threads() == 3
     finally:
         torch.set_num_threads(before)
+    assert models.runnable_tasks() >= 1                                      # the real count includes this process
 
 
 def test_rows_that_are_not_tasks_are_skipped_and_listed_as_eval_does(tmp_path, tiny_dir, image_tasks_dir):
