@@ -1135,6 +1135,9 @@ def _worker_main(chan_fd: int, workdir: str, uid: int | None, namespaces: bool, 
         os.dup2(output_fd, 2)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         signal.signal(signal.SIGXCPU, _on_sigxcpu)
+        # Ctrl-C in the model's code is a KeyboardInterrupt, as in any interpreter, even under a trainer that was
+        # started with SIGINT ignored (a background job of a non-interactive shell), which every fork inherits
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         _serve(chan, runtime(Confinement(output_fd, own_uid=uid is not None)))
     except BaseException as e:
         if chan is not None:

@@ -243,7 +243,8 @@ def test_a_trajectory_sees_neither_the_files_nor_the_directories_of_the_others(p
 
 # The trainer: two sandboxes, each with a background process that escaped into its own session; then it waits.
 _TRAINER_SCRIPT = r'''
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)   # a trainer as a shell starts it, whatever ran this test
 sys.path.insert(0, ROOT)
 import sandbox
 pool = sandbox.SandboxPool(spares=1)
