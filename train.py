@@ -364,7 +364,7 @@ def action_logprobs(model, batch: dict, chunk: int = 2048, with_entropy: bool = 
     weight = policy.lm_head.weight                                                  # (V, H): under FSDP2 unsharded
     logps, entropies = [], []
     for start in range(0, hidden.shape[0], chunk):
-        part = (hidden[start:start + chunk], weight, targets[start:start + chunk])
+        part = (hidden[start:start + chunk], weight, targets[start:start + chunk], with_entropy)
         logp, entropy = (checkpoint(_head_logprobs, *part, use_reentrant=False) if torch.is_grad_enabled()
                          else _head_logprobs(*part))
         logps.append(logp)
@@ -373,13 +373,16 @@ def action_logprobs(model, batch: dict, chunk: int = 2048, with_entropy: bool = 
     return logp, (torch.cat(entropies) if entropies and with_entropy else None)
 
 
-def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-    """log p(target) and the entropy at a chunk of positions. hidden: (n, H), weight: (V, H), targets: (n,)."""
+def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
+    """log p(target) and, when asked, the entropy at a chunk of positions. hidden: (n, H), weight: (V, H),
+    targets: (n,). The entropy costs a second (n, V) softmax, so the old-log-prob pass and SFT skip it."""
     logits = F.linear(hidden, weight).float()                                       # (n, V)
     normaliser = logits.logsumexp(-1)                                               # (n,)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - normaliser             # (n,)
-    with torch.no_grad():
-        entropy = normaliser - (logits.softmax(-1) * logits).sum(-1)                # (n,)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = normaliser - (logits.softmax(-1) * logits).sum(-1)            # (n,)
     return logp, entropy
 
 
