@@ -47,14 +47,15 @@ $(DEMO)/data/train/tasks.json: | $(STAMP)
 $(DEMO)/data/heldout/tasks.json: | $(STAMP)
 	$(call timed,data_heldout,$(PY) data.py --kind image --n 192 --seed 2 --out $(DEMO)/data/heldout)
 
-# the cold start: SFT on scripted-expert trajectories. $(2) is the fraction of tool-requiring tasks the teacher answered
-# without the tool: the demo's 0.4 gives a policy that under-uses the tool, the situation the paper's RL is for (with 0
-# it calls the tool on nearly every task and RL has only digit-copy slips left to fix: README "What this shows")
-cold_start = $(PY) sft.py --model $(DEMO)/model --image-tasks $(DEMO)/data/train/tasks.json --output-dir $(1) \
-		--epochs 6 --lr 2e-3 --max-turns 3 --train-vision --direct-rate 0.5 --guess-rate $(2) $(SHORT)
+# the cold start: SFT on scripted-expert trajectories of the tasks in $(2), written under a turn budget of $(4) rounds.
+# $(3) is the fraction of tool-requiring tasks the teacher answered without the tool: the demo's 0.4 gives a policy
+# that under-uses the tool, the situation the paper's RL is for (with 0 it calls the tool on nearly every task and RL
+# has only digit-copy slips left to fix: README "What this shows")
+cold_start = $(PY) sft.py --model $(DEMO)/model --image-tasks $(2) --output-dir $(1) \
+		--epochs 6 --lr 2e-3 --max-turns $(4) --train-vision --direct-rate 0.5 --guess-rate $(3) $(SHORT)
 
 $(DEMO)/sft/model/config.json: $(DEMO)/model/config.json $(DEMO)/data/train/tasks.json
-	$(call timed,sft,$(call cold_start,$(DEMO)/sft,0.4))
+	$(call timed,sft,$(call cold_start,$(DEMO)/sft,$(DEMO)/data/train/tasks.json,0.4,3))
 
 $(DEMO)/eval_sft/results.json: $(DEMO)/sft/model/config.json $(DEMO)/data/heldout/tasks.json
 	$(call timed,eval_sft,$(PY) eval.py --engine hf --model $(DEMO)/sft/model --data $(DEMO)/data/heldout/tasks.json \
@@ -78,7 +79,7 @@ clean:
 # ---- the paper's ablations in miniature: each from one cold start, over seeds ---------------------------------------
 #   make ablations                                     every arm, seeds 1 2 3
 #   make ablations ARMS='full tool_coef_0' SEEDS='1 2'  a subset
-# (8-20 min per run on one core, two runs at a time; runs resume, finished ones are skipped). Each run's final
+# (10-25 min per run on one core, two runs at a time; runs resume, finished ones are skipped). Each run's final
 # checkpoint is evaluated greedily on held-out tasks; `eval.py ablation-report` writes runs/ablations/summary.json
 # (per arm and seed: last-5-step means of tool calls, accuracy and turns, and the held-out accuracy), summary.md and
 # curves.png.
@@ -86,15 +87,25 @@ ABL      := runs/ablations
 SEEDS    := 1 2 3
 # the demo preset allows 3 rounds, i.e. a turn budget of 2 tool calls: `full` is also the budget-2 run of the pair
 ARMS     := full tool_coef_0 no_std_sort std_norm turns_4 video_on_demand video_full_context
-# their cold start is the teacher that always uses the tool (guess rate 0): the arms then differ only in the mechanism
-# each one changes, not in how fast RL brings tool use up from the demo's under-using cold start
+# the image arms' tasks: half ring_colour (locate, then zoom and read the returned figure: 2 calls, or 3 when the left
+# ring is empty), the rest one single-call tool family and two tool-free ones (data.py)
+ABL_FAMILIES := ring_colour,pixel_color,ring_colour,big_shape_color,ring_colour,count_big_squares
+# their cold start writes up to 4 calls (so it has the 3-call trajectories) and answers a share of the tool-requiring
+# tasks directly: a policy that can answer without the tool at a moderate accuracy, the pressure the tool reward is for
+ABL_GUESS:= 0.3
 ABL_SFT  := $(ABL)/sft/model
-IMAGE_RUN:= --model $(ABL_SFT) --data $(DEMO)/data/train/tasks.json
+IMAGE_RUN:= --model $(ABL_SFT) --data $(ABL)/data/train/tasks.json
 # the video pair: the cold start continued on video expert trajectories, then RL on video tasks with the video only in
 # the sandbox (on demand, the paper's method) or its frames in the prompt (full context, the baseline)
 # (video code is longer than image code, and fetched frames come back as images: larger budgets; 12 steps)
 VIDEO_ROLL:= --max-turn-tokens 384 --max-response-tokens 2048
 VIDEO_RUN:= --data $(DEMO)/data/video_train/tasks.json $(VIDEO_ROLL) --max-steps 12
+
+$(ABL)/data/train/tasks.json: | $(STAMP)
+	$(PY) data.py --kind image --n 512 --seed 1 --families $(ABL_FAMILIES) --out $(ABL)/data/train
+
+$(ABL)/data/heldout/tasks.json: | $(STAMP)
+	$(PY) data.py --kind image --n 144 --seed 2 --families $(ABL_FAMILIES) --out $(ABL)/data/heldout
 
 $(DEMO)/data/video_train/tasks.json: | $(STAMP)
 	$(PY) data.py --kind video --n 96 --seed 1 --out $(DEMO)/data/video_train
@@ -102,8 +113,14 @@ $(DEMO)/data/video_train/tasks.json: | $(STAMP)
 $(DEMO)/data/video_heldout/tasks.json: | $(STAMP)
 	$(PY) data.py --kind video --n 48 --seed 2 --out $(DEMO)/data/video_heldout
 
-$(ABL_SFT)/config.json: $(DEMO)/model/config.json $(DEMO)/data/train/tasks.json
-	$(call cold_start,$(ABL)/sft,0)
+$(ABL_SFT)/config.json: $(DEMO)/model/config.json $(ABL)/data/train/tasks.json
+	$(call cold_start,$(ABL)/sft,$(ABL)/data/train/tasks.json,$(ABL_GUESS),5)
+
+# the cold start's held-out accuracy per family, sampled as RL samples (temperature 1, 4 samples): how often it calls
+# the tool and what answering directly earns (results.md, "Per synthetic family")
+$(ABL)/eval_sft/results.json: $(ABL_SFT)/config.json $(ABL)/data/heldout/tasks.json
+	$(PY) eval.py --engine hf --model $(ABL_SFT) --output-dir $(ABL)/eval_sft --temperature 1 --samples 4 \
+		--data $(ABL)/data/heldout/tasks.json $(SHORT) $(ROLL) --max-turns 5
 
 # a video cold start per arm: the image cold start continued on video expert trajectories in that arm's layout (a
 # policy cold-started on the on-demand layout writes no valid action with the frames in the prompt)
@@ -119,7 +136,7 @@ flags_std_norm           := $(IMAGE_RUN) --std-norm
 flags_turns_4            := $(IMAGE_RUN) --max-turns 5
 flags_video_on_demand    := $(VIDEO_RUN) --video-context on_demand --model $(ABL)/video_sft_on_demand/model
 flags_video_full_context := $(VIDEO_RUN) --video-context full_context --model $(ABL)/video_sft_full_context/model
-IMAGE_HELDOUT := --data $(DEMO)/data/heldout/tasks.json $(SHORT) $(ROLL)
+IMAGE_HELDOUT := --data $(ABL)/data/heldout/tasks.json $(SHORT) $(ROLL)
 VIDEO_HELDOUT := --data $(DEMO)/data/video_heldout/tasks.json $(SHORT) --max-turns 3 $(VIDEO_ROLL)
 heldout_full               := $(IMAGE_HELDOUT)
 heldout_tool_coef_0        := $(IMAGE_HELDOUT)
@@ -132,17 +149,17 @@ arm = $(firstword $(subst -s, ,$(1)))
 ABL_RUNS := $(foreach a,$(ARMS),$(foreach s,$(SEEDS),$(ABL)/$(a)-s$(s)/eval/results.json))
 
 # one run: runs/ablations/ARM-sSEED (ARM picks the flags above); the video arms also need their cold start
-$(ABL)/%/final/config.json: $(ABL_SFT)/config.json $(DEMO)/data/train/tasks.json
+$(ABL)/%/final/config.json: $(ABL_SFT)/config.json $(ABL)/data/train/tasks.json
 	$(PY) train.py --preset demo --seed $(lastword $(subst -s, ,$*)) --output-dir $(ABL)/$* --resume \
 		$(flags_$(call arm,$*)) --html-every 0
 $(foreach s,$(SEEDS),$(ABL)/video_on_demand-s$(s)/final/config.json): $(ABL)/video_sft_on_demand/model/config.json
 $(foreach s,$(SEEDS),$(ABL)/video_full_context-s$(s)/final/config.json): $(ABL)/video_sft_full_context/model/config.json
 
 # its final checkpoint on held-out tasks, greedy, under the budgets it trained with
-$(ABL)/%/eval/results.json: $(ABL)/%/final/config.json $(DEMO)/data/heldout/tasks.json $(DEMO)/data/video_heldout/tasks.json
+$(ABL)/%/eval/results.json: $(ABL)/%/final/config.json $(ABL)/data/heldout/tasks.json $(DEMO)/data/video_heldout/tasks.json
 	$(PY) eval.py --engine hf --model $(ABL)/$*/final --output-dir $(ABL)/$*/eval --temperature 0 $(heldout_$(call arm,$*))
 
 # two runs at a time with one thread each: on 2 cores that is faster than one run with two threads
-ablations: $(ABL_SFT)/config.json
+ablations: $(ABL)/eval_sft/results.json
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 $(ABL_RUNS)
 	$(PY) eval.py ablation-report $(ABL)

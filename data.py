@@ -25,6 +25,13 @@ Synthetic image tasks
     option's text that the verifier accepts as that option. A small policy learns to copy; it does not learn arithmetic,
     or a table from a shuffled option list to RGB values, in its head (measured: README, "The CPU demo").
 
+    One family needs several calls, each depending on what the one before returned (the ablations' mixture, for the
+    paper's interaction-collapse and turn-budget findings, docs/method.md §10): `ring_colour` asks for the colour of a
+    small square inside a black ring whose position the question does not give. The expert locates the rings (printed
+    centres), zooms into one printed centre (a figure, nothing printed) and reads the colour off the returned figure;
+    when that ring is the empty one of two, a third call zooms into the other. The demo's default mixture
+    (`DEFAULT_IMAGE_FAMILIES`) keeps to the single-call families; `--families` names another.
+
 Synthetic video tasks
     PyVision-Video keeps the video out of the context: the prompt has only `video_context.video_info(path)`, the sandbox
     holds the video as `video_clue_0` (docs/method.md §2.1, §3). Each family's answer depends on a few specific moments: the
@@ -38,6 +45,7 @@ Synthetic video tasks
 
 How to run
     python data.py --kind image --n 64 --seed 0 --out runs/data/image     # writes tasks.json + images/
+    python data.py --n 64 --families ring_colour,big_shape_color --out runs/data/rings   # a chosen mixture
     python data.py --kind video --n 32 --seed 0 --out runs/data/video     # writes tasks.json + videos/
     python -c "import data; tasks, bad = data.load_tasks('tasks.json', on_error='skip')"
 
@@ -55,7 +63,7 @@ import random
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 from PIL import Image
@@ -85,7 +93,10 @@ class Task:
     video_path: str | None = None
     choices: list[str] | None = None          # option texts of a multiple-choice task, letters A, B, ... in order
     solution_code: str | None = None          # Python whose last printed line is the answer (for multiple choice,
-                                              # the option's letter or text; synthetic tasks)
+                                              # the option's letter or text; synthetic tasks) or, for a multi-call
+                                              # family, the first call
+    follow_up_code: list[str] | None = None   # a multi-call family's later calls, each written after reading the
+                                              # observation before it (it copies numbers that one printed)
     needs_tool: bool | None = None            # True when the downscaled view does not hold the answer
     family: str | None = None                 # synthetic task family
     extra: dict = field(default_factory=dict)
@@ -173,9 +184,10 @@ def parse_row(row: dict, file: str | Path, i: int, check_media: bool = True) -> 
     choices = row.get("choices")
     if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
         raise DataError(file, i, "choices", "expected a list of strings")
-    known = set(VALIDATION_FIELDS) | {"image_path", "video_path", "choices", "solution_code", "needs_tool", "family", "extra"}
+    known = set(VALIDATION_FIELDS) | {"image_path", "video_path", "choices", "solution_code", "follow_up_code",
+                                      "needs_tool", "family", "extra"}
     return Task(**values, **{media[0]: str(path)}, choices=choices, solution_code=row.get("solution_code"),
-                needs_tool=row.get("needs_tool"), family=row.get("family"),
+                follow_up_code=row.get("follow_up_code"), needs_tool=row.get("needs_tool"), family=row.get("family"),
                 extra=row.get("extra") or {k: v for k, v in row.items() if k not in known})
 
 
@@ -364,22 +376,86 @@ def _count_big_squares(rng: random.Random, nrng: np.random.Generator, width: int
     return canvas, question, str(count), "numeric", None, code, False
 
 
+RING_SIDE, RING_ZOOM = 29, 4   # a ring's outer side (odd: its centre is a whole pixel); the zoom's magnification
+
+
+def _ring_colour(rng: random.Random, nrng: np.random.Generator, width: int, height: int):
+    """Multi-call: locate, then zoom and read what the zoom shows. One or two 29x29 black rings, one holding a square of
+    side 3..19; two rings sit in different halves, printed left first. The expert's first call prints the ring centres
+    (it cannot know them from the question), each later call zooms 4x into one printed centre and prints nothing: the
+    colour is read from the returned image (`read_zoomed_colour`), and when the left ring's zoom shows it empty a third
+    call zooms into the right one. So 2 or 3 calls; the policy copies numbers from an observation and reads a figure.
+    Large squares are visible in the downscaled view, small ones are not: direct answers are right at a moderate rate."""
+    canvas = _noisy_canvas(nrng, width, height)
+    names = list(PALETTE)
+    colour = rng.choice(names)
+    margin = RING_SIDE
+    halves = [(margin, width // 2 - margin), (width // 2 + margin, width - margin)]
+    rings = halves if rng.random() < 0.5 else [rng.choice(halves)]
+    filled = rng.randrange(len(rings))
+    centres = []
+    for k, (lo, hi) in enumerate(rings):
+        cx, cy = rng.randint(lo, hi), rng.randint(margin, height - margin)
+        r = RING_SIDE // 2
+        inside = canvas[cy - r + 2:cy + r - 1, cx - r + 2:cx + r - 1].copy()   # (25, 25, 3): the ring is 2 px thick
+        canvas[cy - r:cy + r + 1, cx - r:cx + r + 1] = 0
+        canvas[cy - r + 2:cy + r - 1, cx - r + 2:cx + r - 1] = inside
+        if k == filled:
+            half = rng.randint(1, 9)   # side 3..19
+            canvas[cy - half:cy + half + 1, cx - half:cx + half + 1] = PALETTE[colour]
+        centres.append((cx, cy))
+    choices = names[:]
+    rng.shuffle(choices)
+    question = ("A small coloured square sits inside a black ring (the image may also hold a second, empty ring). "
+                f"What is the colour of the square? Options: {_options_text(choices)}")
+    locate = ("g = np.array(image_clue_0.convert('L'))\n"
+              "ys, xs = np.nonzero(g < 40)\n"
+              "for half in (xs < g.shape[1] // 2, xs >= g.shape[1] // 2):\n"
+              "    if half.any():\n"
+              "        print(round(xs[half].mean()), round(ys[half].mean()))")
+    zooms = [f"x, y = {cx}, {cy}\n"
+             f"image_clue_0.crop((x - 20, y - 20, x + 20, y + 20)).resize(({40 * RING_ZOOM}, {40 * RING_ZOOM})).show()"
+             for cx, cy in centres]
+    return canvas, question, LETTERS[choices.index(colour)], "multiple_choice", choices, [locate, *zooms], True
+
+
+def read_zoomed_colour(figure: Image.Image) -> str | None:
+    """What a sighted reader sees in a `ring_colour` zoom: the palette colour at the figure's centre, or None when the
+    centre is grey (an empty ring, or not a zoom). The scripted expert reads returned figures with this instead of
+    looking up the label, so its answers, like its calls, come from what the sandbox returned."""
+    pixels = np.asarray(figure.convert("RGB")).astype(int)   # (H, W, 3)
+    h, w = pixels.shape[:2]
+    centre = pixels[h // 2 - 2:h // 2 + 3, w // 2 - 2:w // 2 + 3].reshape(-1, 3).mean(axis=0)   # (3,)
+    if centre.max() - centre.min() < 80:   # palette colours span >= 170 between channels, grey noise 0
+        return None
+    return min(PALETTE, key=lambda name: float(((centre - PALETTE[name]) ** 2).sum()))
+
+
 IMAGE_FAMILIES = {"pixel_color": _pixel_color, "count_dots": _count_dots, "checker_patch": _checker_patch,
-                  "locate_dot": _locate_dot, "big_shape_color": _big_shape_color, "count_big_squares": _count_big_squares}
+                  "locate_dot": _locate_dot, "big_shape_color": _big_shape_color, "count_big_squares": _count_big_squares,
+                  "ring_colour": _ring_colour}
+# the demo's mixture: the single-call families (ring_colour joins the ablations' mixture, Makefile ABL_FAMILIES)
+DEFAULT_IMAGE_FAMILIES = ("pixel_color", "count_dots", "checker_patch", "locate_dot", "big_shape_color",
+                          "count_big_squares")
 
 
-def iter_image_tasks(n: int, seed: int) -> Iterator[tuple[Task, Image.Image]]:
-    """Seeded synthetic image tasks, families in round-robin. Yields (task without a path, the full-resolution image)."""
+def iter_image_tasks(n: int, seed: int, families: Sequence[str] = DEFAULT_IMAGE_FAMILIES
+                     ) -> Iterator[tuple[Task, Image.Image]]:
+    """Seeded synthetic image tasks, `families` in round-robin (a family named twice gets twice the share). Yields
+    (task without a path, the full-resolution image)."""
+    unknown = sorted(set(families) - set(IMAGE_FAMILIES))
+    if unknown or not families:
+        raise ValueError(f"unknown image families {unknown}; known: {', '.join(IMAGE_FAMILIES)}")
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
-    families = list(IMAGE_FAMILIES)
     for i in range(n):
         family = families[i % len(families)]
         width, height = rng.choice([(640, 480), (800, 600), (560, 560), (720, 480)])
         canvas, question, answer, ability, choices, code, needs_tool = IMAGE_FAMILIES[family](rng, nrng, width, height)
+        first, *later = [code] if isinstance(code, str) else code
         task = Task(id=f"img-{seed}-{i:05d}", question=question, answer=answer, ability=ability,
-                    data_source=SYNTHETIC_IMAGE_SOURCE, choices=choices, solution_code=code,
-                    needs_tool=needs_tool, family=family)
+                    data_source=SYNTHETIC_IMAGE_SOURCE, choices=choices, solution_code=first,
+                    follow_up_code=later or None, needs_tool=needs_tool, family=family)
         yield task, Image.fromarray(canvas)
 
 
@@ -400,9 +476,10 @@ def _write_task_set(items, out_dir: str | Path | None, media_dir: str, suffix: s
     return tasks
 
 
-def generate_image_tasks(n: int, seed: int, out_dir: str | Path | None) -> list[Task]:
+def generate_image_tasks(n: int, seed: int, out_dir: str | Path | None,
+                         families: Sequence[str] = DEFAULT_IMAGE_FAMILIES) -> list[Task]:
     """Write `out_dir/tasks.json` and `out_dir/images/*.png` (same seed, same bytes). With out_dir=None, text only."""
-    return _write_task_set(iter_image_tasks(n, seed), out_dir, "images", ".png",
+    return _write_task_set(iter_image_tasks(n, seed, families), out_dir, "images", ".png",
                            lambda image, path: image.save(path, format="PNG"))
 
 
@@ -650,9 +727,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64, help="number of tasks")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same bytes")
     parser.add_argument("--out", required=True, help="output directory (tasks.json and the media beside it)")
+    parser.add_argument("--families", default=",".join(DEFAULT_IMAGE_FAMILIES),
+                        help="image families, comma-separated, in round-robin; a family named twice gets twice the "
+                             f"share (known: {', '.join(IMAGE_FAMILIES)})")
     args = parser.parse_args()
-    generate = generate_image_tasks if args.kind == "image" else generate_video_tasks
-    tasks = generate(args.n, args.seed, args.out)
+    families = tuple(args.families.split(","))
+    if unknown := sorted(set(families) - set(IMAGE_FAMILIES)):
+        parser.error(f"--families: unknown {', '.join(unknown)} (known: {', '.join(IMAGE_FAMILIES)})")
+    if args.kind == "image":
+        tasks = generate_image_tasks(args.n, args.seed, args.out, families)
+    else:
+        tasks = generate_video_tasks(args.n, args.seed, args.out)
     print(f"wrote {len(tasks)} {args.kind} tasks to {Path(args.out) / 'tasks.json'}")
 
 

@@ -215,6 +215,7 @@ class SampleRecord:
     ability: str
     needs_tool: bool | None
     reference: str
+    family: str | None = None          # synthetic task family
     answer: str | None = None          # the extracted answer (None: none, or rejected by the format gate)
     acc: float | None = None           # 0/1, or MRA in [0, 1]
     correct: bool | None = None        # acc >= 0.5
@@ -245,7 +246,7 @@ FINAL_ACTION_CHARS = 2000
 
 def _task_fields(task: Task, sample: int) -> dict:
     return dict(task_id=task.id, sample=sample, data_source=task.data_source, ability=task.ability,
-                needs_tool=task.needs_tool, reference=task.answer)
+                needs_tool=task.needs_tool, reference=task.answer, family=task.family)
 
 
 def _describe(error: BaseException) -> str:
@@ -464,6 +465,9 @@ def group_metrics(records: Sequence[SampleRecord]) -> dict:
         "wellformed_frac": _mean(r.wellformed for r in scored),
         "tool_calls_mean": _mean(r.num_tool_calls for r in scored),
         "tool_calls_zero_frac": _mean(r.num_tool_calls == 0 for r in scored),
+        # what answering without the tool earns against calling it: the pressure behind interaction collapse
+        "acc_direct": _mean(r.acc for r in scored if r.num_tool_calls == 0),
+        "acc_with_tool": _mean(r.acc for r in scored if r.num_tool_calls > 0),
         "turns_mean": _mean(r.turns for r in scored),
         "visual_tokens_mean": _mean(r.visual_tokens for r in scored),
         "response_tokens_mean": _mean(r.response_tokens for r in scored),
@@ -494,14 +498,18 @@ def avg_at_k(records: Sequence[SampleRecord], k: int) -> dict:
 def summarize(records: Sequence[SampleRecord], k: int) -> dict:
     per_source: dict[str, list[SampleRecord]] = defaultdict(list)
     per_ability: dict[str, list[SampleRecord]] = defaultdict(list)
+    per_family: dict[str, list[SampleRecord]] = defaultdict(list)
     for r in records:
         per_source[r.data_source].append(r)
         per_ability[f"{r.data_source}/{r.ability}"].append(r)
+        if r.family is not None:
+            per_family[r.family].append(r)
     errors = Counter(r.error for r in records if r.error is not None)
     at_k = avg_at_k(records, k)
     return {"summary": group_metrics(records) | {"avg_at_k": at_k["avg"], "k": k, "errors": dict(errors.most_common(5))},
             "per_source": {name: group_metrics(rs) for name, rs in sorted(per_source.items())},
             "per_ability": {name: group_metrics(rs) for name, rs in sorted(per_ability.items())},
+            "per_family": {name: group_metrics(rs) for name, rs in sorted(per_family.items())},
             "avg_at_k": at_k,
             "samples": [dataclasses.asdict(r) for r in records]}
 

@@ -66,6 +66,8 @@ SUMMARY_ROWS = ("accuracy", "correct_frac", "avg_at_k", "acc_tool", "acc_no_tool
                 "wall_s_per_sample", "n_samples", "n_errors")
 GROUP_COLUMNS = ("n_samples", "accuracy", "correct_frac", "tool_calls_mean", "turns_mean", "visual_tokens_mean",
                  "n_errors")
+FAMILY_COLUMNS = ("n_samples", "accuracy", "tool_calls_mean", "tool_calls_zero_frac", "acc_direct", "acc_with_tool",
+                  "response_tokens_mean")
 
 
 def results_markdown(results: dict, title: str) -> str:
@@ -77,6 +79,9 @@ def results_markdown(results: dict, title: str) -> str:
     for heading, key in (("Per data source", "per_source"), ("Per data source / ability", "per_ability")):
         rows = [(name, *(g[c] for c in GROUP_COLUMNS)) for name, g in results[key].items()]
         parts += [f"## {heading}", "", _table(["group", *GROUP_COLUMNS], rows), ""]
+    if results.get("per_family"):   # synthetic sets: how each family is answered, directly or with the tool
+        rows = [(name, *(g[c] for c in FAMILY_COLUMNS)) for name, g in results["per_family"].items()]
+        parts += ["## Per synthetic family", "", _table(["family", *FAMILY_COLUMNS], rows), ""]
     parts += ["## End reasons", "", _table(["end reason", "samples"], s["end_reasons"].items()), ""]
     if s["errors"]:
         parts += ["## Most frequent errors", "", _table(["error", "samples"], s["errors"].items()), ""]
@@ -201,10 +206,12 @@ ABLATION_KEYS = ("acc/mean", "tool/calls_mean", "rollout/turns_mean", "adv/neg_c
                  "rollout/visual_tokens_mean")
 
 
-def ablation_report(root: str | Path, last: int = 5) -> str:
-    """Runs under ROOT named ARM-sSEED: curves.png (mean over seeds, min-max shaded), summary.json (per arm and seed:
-    the last `last` steps' means of SUMMARY_KEYS and, where ARM-sSEED/eval/results.json exists, the held-out accuracy
-    of the final checkpoint) and summary.md (each as mean ± half the spread over seeds)."""
+def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
+    """Runs under ROOT named ARM-sSEED: curves.png (mean over seeds, min-max shaded), summary.json (per arm and seed: the
+    last `last` steps' means of ABLATION_KEYS, the first `early` steps' means of accuracy and of the share of correct
+    samples with a negative advantage, the step-to-step std of accuracy and, where ARM-sSEED/eval/results.json exists,
+    the final checkpoint's held-out accuracy and tool calls, overall and per synthetic family) and summary.md (each as
+    mean ± half the spread over seeds)."""
     root = Path(root)
     runs: dict[str, list[Path]] = defaultdict(list)
     for run_dir in sorted(p for p in root.iterdir() if (p / "metrics.jsonl").is_file()):
@@ -212,31 +219,55 @@ def ablation_report(root: str | Path, last: int = 5) -> str:
     if not runs:
         raise FileNotFoundError(f"no run with a metrics.jsonl under {root}")
     plot_training_curves(runs, root / "curves.png", ABLATION_KEYS)
-    summary = {arm: {run_dir.name.rsplit("-s", 1)[1]: run_summary(run_dir, last) for run_dir in run_dirs}
+    summary = {arm: {run_dir.name.rsplit("-s", 1)[1]: run_summary(run_dir, last, early) for run_dir in run_dirs}
                for arm, run_dirs in runs.items()}
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
-    columns = [*(f"{key} (last {last} steps)" for key in ABLATION_KEYS), "held-out accuracy"]
-    rows = []
-    for arm, seeds in summary.items():
-        cells = []
-        for key in [*ABLATION_KEYS, "heldout_accuracy"]:
-            per_seed = [values[key] for values in seeds.values() if values.get(key) is not None]
-            cells.append(f"{statistics.fmean(per_seed):.3f} ± {(max(per_seed) - min(per_seed)) / 2:.3f}"
-                         if per_seed else "–")
-        rows.append([arm, str(len(seeds)), *cells])
-    table = _table(["arm", "seeds", *columns], rows)
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.fmean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}" if values else "–"
+
+    keys = [*ABLATION_KEYS, f"acc/mean first {early}", f"adv/neg_correct_frac first {early}", "acc/mean step std",
+            "heldout_accuracy", "heldout_tool_calls"]
+    rows = [[arm, str(len(seeds)), *(spread([v[key] for v in seeds.values() if v.get(key) is not None]) for key in keys)]
+            for arm, seeds in summary.items()]
+    parts = [_table(["arm", "seeds", *(f"{k} (last {last})" if k in ABLATION_KEYS else k for k in keys)], rows)]
+    families = sorted({f for seeds in summary.values() for v in seeds.values() for f in v.get("heldout_per_family", {})})
+    if families:   # held-out accuracy and tool calls per synthetic family: where a multi-call family separates arms
+        rows = [[arm, *(spread([v["heldout_per_family"][f][m] for v in seeds.values()
+                                if f in v.get("heldout_per_family", {}) and v["heldout_per_family"][f][m] is not None])
+                        for f in families for m in ("accuracy", "tool_calls_mean"))]
+                for arm, seeds in summary.items()]
+        parts += ["", "Held-out, per family (accuracy, tool calls):", "",
+                  _table(["arm", *(f"{f} {m}" for f in families for m in ("acc", "calls"))], rows)]
+    table = "\n".join(parts)
     (root / "summary.md").write_text(table + "\n")
     return table
 
 
-def run_summary(run_dir: Path, last: int) -> dict:
-    """One run's last-`last`-step means of ABLATION_KEYS and its held-out accuracy (None before its evaluation)."""
-    metrics = read_metrics(run_dir)[-last:]
-    values = {key: statistics.fmean(tail) if (tail := [m[key] for m in metrics if m.get(key) is not None]) else None
-              for key in ABLATION_KEYS}
+def run_summary(run_dir: Path, last: int, early: int = 10) -> dict:
+    """One run's last-`last`-step means of ABLATION_KEYS, early-training and fluctuation figures, and its held-out
+    results (absent before its evaluation)."""
+    metrics = read_metrics(run_dir)
+
+    def mean_of(key: str, rows: list[dict]) -> float | None:
+        values = [m[key] for m in rows if m.get(key) is not None]
+        return statistics.fmean(values) if values else None
+
+    values = {key: mean_of(key, metrics[-last:]) for key in ABLATION_KEYS}
+    values[f"acc/mean first {early}"] = mean_of("acc/mean", metrics[:early])
+    values[f"adv/neg_correct_frac first {early}"] = mean_of("adv/neg_correct_frac", metrics[:early])
+    accs = [m["acc/mean"] for m in metrics if m.get("acc/mean") is not None]
+    values["acc/mean step std"] = statistics.pstdev(accs) if len(accs) > 1 else None
     results = run_dir / "eval" / "results.json"
-    values["heldout_accuracy"] = (json.loads(results.read_text())["summary"]["accuracy"] if results.is_file()
-                                  else None)
+    if results.is_file():
+        held_out = json.loads(results.read_text())
+        values["heldout_accuracy"] = held_out["summary"]["accuracy"]
+        values["heldout_tool_calls"] = held_out["summary"]["tool_calls_mean"]
+        values["heldout_per_family"] = {f: {m: g[m] for m in ("accuracy", "tool_calls_mean", "acc_direct",
+                                                             "tool_calls_zero_frac")}
+                                        for f, g in held_out.get("per_family", {}).items()}
+    else:
+        values["heldout_accuracy"] = None
     return values
 
 

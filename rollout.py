@@ -76,7 +76,7 @@ from PIL import Image
 
 import reward
 from config import config_field as _f
-from data import Task
+from data import Task, read_zoomed_colour
 from models import IMAGE_PLACEHOLDER, VLProcessor
 from video_context import video_info, video_prompt
 
@@ -417,7 +417,9 @@ class HFEngine:
 class ScriptedExpert:
     """An expert policy for the synthetic tasks: it writes the task's solution code, reads what the sandbox printed and
     answers with the last printed line. It sees exactly what a model sees (its own context), so the whole loop —
-    parsing, sandbox, observation format, budgets — is exercised for real.
+    parsing, sandbox, observation format, budgets — is exercised for real. A multi-call task (`follow_up_code`) gets
+    its calls one per turn; a call that only shows a figure is read with `data.read_zoomed_colour`, which answers or,
+    when the figure holds nothing (an empty ring), leads to the next call.
 
     Variants used for the SFT cold start: `recover_rate` writes a broken first attempt (a typo'd name) before the real
     code, which only helps when errors are fed back (`on_error="feedback"`); `direct_rate` answers that fraction of the
@@ -455,13 +457,25 @@ class ScriptedExpert:
             if self._coin(traj, "recover") < self.recover_rate:
                 broken = task.solution_code.replace("image_clue_0", "image_clue", 1).replace("video_clue_0", "video_clue", 1)
                 return self._say(f"Let me inspect the {traj.mode} with code.\n<code>\n```python\n{broken}\n```\n</code>", "stop")
+        calls = [task.solution_code, *(task.follow_up_code or [])]
+        done = sum(t.exec_status in OK_STATUSES for t in traj.turns)   # calls that ran; a failed one is written again
         last = traj.turns[-1] if traj.turns else None
-        if last is None or last.exec_status not in OK_STATUSES:
-            why = "Let me inspect the" if last is None else "That failed; let me fix the code and inspect the"
-            return self._say(f"{why} {traj.mode} with code.\n<code>\n```python\n{task.solution_code}\n```\n</code>", "stop")
-        printed = re.search(r"Text Result:\n(.*?)(?:\nImage Result:|\n?</interpreter>)", last.observation or "", re.DOTALL)
-        lines = printed.group(1).strip().splitlines() if printed else []
-        return answer_with(lines[-1].strip() if lines else "unknown")
+        if last is not None and last.exec_status in OK_STATUSES:
+            printed = re.search(r"Text Result:\n(.*?)(?:\nImage Result:|\n?</interpreter>)", last.observation or "",
+                                re.DOTALL)
+            lines = printed.group(1).strip().splitlines() if printed else []
+            if not lines and last.images:   # a call that only showed a figure: read the answer off it, if it holds one
+                seen = read_zoomed_colour(last.images[-1])
+                if seen is not None:
+                    return answer_with(seen)
+            elif done == len(calls):        # the last call printed the answer
+                return answer_with(lines[-1].strip() if lines else "unknown")
+            if done >= len(calls):
+                return answer_with("unknown")
+        why = "Let me inspect the" if last is None else (
+            "That failed; let me fix the code and inspect the" if last.exec_status not in OK_STATUSES else
+            "Let me look closer at the")
+        return self._say(f"{why} {traj.mode} with code.\n<code>\n```python\n{calls[done]}\n```\n</code>", "stop")
 
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
         return [self._act(r.trajectory) for r in requests]

@@ -16,12 +16,16 @@ from PIL import Image
 import data
 
 
-def run_solution(task: data.Task) -> str:
+def run_solution_lines(task: data.Task) -> list[str]:
     scope = {"np": np, "Image": Image, "image_clue_0": Image.open(task.image_path).convert("RGB")}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(task.solution_code, scope)
-    return out.getvalue().strip().splitlines()[-1]
+    return out.getvalue().strip().splitlines()
+
+
+def run_solution(task: data.Task) -> str:
+    return run_solution_lines(task)[-1]
 
 
 def test_generator_same_seed_same_bytes(tmp_path):
@@ -40,7 +44,7 @@ def test_generator_same_seed_same_bytes(tmp_path):
 def test_solution_code_gives_the_answer(image_tasks_dir):
     tasks, bad = data.load_tasks(image_tasks_dir / "tasks.json")
     assert not bad and len(tasks) == 12
-    assert {t.family for t in tasks} == set(data.IMAGE_FAMILIES)
+    assert {t.family for t in tasks} == set(data.DEFAULT_IMAGE_FAMILIES)
     assert {t.ability for t in tasks} == {"multiple_choice", "numeric"}
     for task in tasks:
         assert task.is_answer(run_solution(task)), task.id
@@ -58,6 +62,39 @@ def test_tool_solution_code_copies_what_the_question_gives(image_tasks_dir):
         for task, other in ((first, second), (second, first)):
             varying = set(re.findall(r"\d+", task.solution_code)) - set(re.findall(r"\d+", other.solution_code))
             assert varying <= set(re.findall(r"\d+", task.question)), (family, varying, task.solution_code)
+
+
+def test_ring_colour_calls_depend_on_what_came_back(tmp_path):
+    """The multi-call family: the first call prints the ring centres and is the same code in every task; each later
+    call copies one printed line (left ring first); the first zoom showing a colour shows the answer, a zoom into the
+    empty ring shows none; so 2 or 3 calls. `--families` writes the mixture it names, in round-robin."""
+    out = subprocess.run([sys.executable, "data.py", "--n", "24", "--seed", "5", "--out", str(tmp_path),
+                          "--families", "ring_colour,big_shape_color"],
+                         cwd=Path(data.__file__).parent, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    tasks, _ = data.load_tasks(tmp_path / "tasks.json")
+    assert [t.family for t in tasks] == ["ring_colour", "big_shape_color"] * 12
+    rings = [t for t in tasks if t.family == "ring_colour"]
+    assert len({t.solution_code for t in rings}) == 1
+    calls_needed = []
+    for task in rings:
+        printed = run_solution_lines(task)
+        assert [f"x, y = {line.replace(' ', ', ')}" for line in printed] == [c.splitlines()[0] for c in task.follow_up_code]
+        image = Image.open(task.image_path).convert("RGB")
+        shown = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Image.Image, "show", lambda self, *a, **k: shown.append(self))
+            for code in task.follow_up_code:
+                exec(code, {"np": np, "Image": Image, "image_clue_0": image})
+                if data.read_zoomed_colour(shown[-1]) is not None:
+                    break
+        assert data.read_zoomed_colour(shown[-1]) == task.answer_text
+        assert all(data.read_zoomed_colour(s) is None for s in shown[:-1])
+        calls_needed.append(1 + len(shown))
+    assert set(calls_needed) == {2, 3}, calls_needed
+    bad = subprocess.run([sys.executable, "data.py", "--out", str(tmp_path / "x"), "--families", "ring_color"],
+                         cwd=Path(data.__file__).parent, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--families: unknown ring_color" in bad.stderr and not (tmp_path / "x").exists()
 
 
 def test_tool_tasks_lose_their_answer_when_downscaled(tiny_policy):

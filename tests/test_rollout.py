@@ -99,6 +99,31 @@ def test_expert_solves_image_and_video_tasks(tiny_policy, image_tasks_dir, video
     assert all(p.image_pad_id not in t.input_ids[:t.prompt_len] for t in video)
 
 
+def test_expert_solves_multi_call_tasks_by_reading_what_came_back(tiny_policy, tmp_path, pool):
+    """ring_colour through the real loop: the first call prints the ring centres, the next copies one into a zoom that
+    prints nothing, and the answer is read off the returned figure; an empty ring's zoom leads to a third call. Under
+    a turn budget of 2 tool calls (max_turns 3) exactly the 3-call tasks run out of turns."""
+    _, p = tiny_policy
+    tasks = data.generate_image_tasks(12, seed=4, out_dir=tmp_path, families=("ring_colour",))
+    trajs = run(tasks, rollout.ScriptedExpert(p), p, pool, max_turns=5)
+    assert [t.end_reason for t in trajs] == [EndReason.DONE] * len(tasks) and all(t.correct for t in trajs)
+    calls = [t.num_tool_calls for t in trajs]
+    assert set(calls) == {2, 3}, calls
+    for traj in trajs:
+        assert_token_exact(traj, p)
+        located, *zooms = traj.turns[:-1]
+        printed = located.observation.split("Text Result:\n")[1].split("</interpreter>")[0].split()
+        for zoom in zooms:   # each zoom copies a printed centre, prints nothing and returns one figure
+            assert zoom.code.splitlines()[0].replace("x, y = ", "").split(", ") == printed[:2] or \
+                zoom.code.splitlines()[0].replace("x, y = ", "").split(", ") == printed[2:4]
+            assert len(zoom.images) == 1 and "Text Result:\n\nImage Result" in zoom.observation.replace("\n\n\n", "\n\n")
+        assert data.read_zoomed_colour(zooms[-1].images[0]) == traj.task.answer_text
+        assert all(data.read_zoomed_colour(z.images[0]) is None for z in zooms[:-1])   # the empty ring came first
+    short = run(tasks, rollout.ScriptedExpert(p), p, pool, max_turns=3)
+    assert [t.end_reason == EndReason.DONE for t in short] == [c == 2 for c in calls]
+    assert [t.correct for t in short] == [c == 2 for c in calls]
+
+
 def test_expert_answers_a_fraction_of_tool_free_tasks_directly(tiny_policy, image_tasks_dir, pool):
     """The cold start's mix: tool-free tasks answered directly at `direct_rate`, with code otherwise; tool-requiring
     tasks always with code. All correct either way."""

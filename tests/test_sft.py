@@ -131,5 +131,11 @@ def test_demo_pipeline_end_to_end_at_test_size(tmp_path, tiny_dir, image_tasks_d
     seed = json.loads((tmp_path / "abl" / "summary.json").read_text())["full"]["1"]
     rl_eval = json.loads((evals["rl"] / "results.json").read_text())
     assert seed["heldout_accuracy"] == rl_eval["summary"]["accuracy"]
+    assert seed["heldout_tool_calls"] == rl_eval["summary"]["tool_calls_mean"]
+    families = {t.family for t in data.load_tasks(tasks)[0]}
+    assert set(seed["heldout_per_family"]) == families and "Held-out, per family" in table
+    assert seed["heldout_per_family"] == {f: {m: g[m] for m in seed["heldout_per_family"][f]}
+                                          for f, g in rl_eval["per_family"].items()}
+    assert seed["acc/mean first 10"] is not None and seed["acc/mean step std"] is not None
     for key in ("tool/calls_mean", "acc/mean", "rollout/turns_mean"):
         assert seed[key] is not None, key
