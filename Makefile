@@ -155,11 +155,14 @@ $(ABL)/%/final/config.json: $(ABL_SFT)/config.json $(ABL)/data/train/tasks.json
 $(foreach s,$(SEEDS),$(ABL)/video_on_demand-s$(s)/final/config.json): $(ABL)/video_sft_on_demand/model/config.json
 $(foreach s,$(SEEDS),$(ABL)/video_full_context-s$(s)/final/config.json): $(ABL)/video_sft_full_context/model/config.json
 
+# a finished run's checkpoint is an intermediate of the pattern chain: without this make would delete its config.json
+.PRECIOUS: $(ABL)/%/final/config.json
+
 # its final checkpoint on held-out tasks, greedy, under the budgets it trained with
 $(ABL)/%/eval/results.json: $(ABL)/%/final/config.json $(ABL)/data/heldout/tasks.json $(DEMO)/data/video_heldout/tasks.json
 	$(PY) eval.py --engine hf --model $(ABL)/$*/final --output-dir $(ABL)/$*/eval --temperature 0 $(heldout_$(call arm,$*))
 
 # two runs at a time with one thread each: on 2 cores that is faster than one run with two threads
-ablations: $(ABL)/eval_sft/results.json
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 $(ABL_RUNS)
+ablations: $(ABL_SFT)/config.json
+	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 $(ABL)/eval_sft/results.json $(ABL_RUNS)
 	$(PY) eval.py ablation-report $(ABL)

@@ -184,10 +184,13 @@ def parse_row(row: dict, file: str | Path, i: int, check_media: bool = True) -> 
     choices = row.get("choices")
     if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
         raise DataError(file, i, "choices", "expected a list of strings")
+    follow_up = row.get("follow_up_code")
+    if follow_up is not None and not (isinstance(follow_up, list) and all(isinstance(c, str) for c in follow_up)):
+        raise DataError(file, i, "follow_up_code", "expected a list of strings (one per later call)")
     known = set(VALIDATION_FIELDS) | {"image_path", "video_path", "choices", "solution_code", "follow_up_code",
                                       "needs_tool", "family", "extra"}
     return Task(**values, **{media[0]: str(path)}, choices=choices, solution_code=row.get("solution_code"),
-                follow_up_code=row.get("follow_up_code"), needs_tool=row.get("needs_tool"), family=row.get("family"),
+                follow_up_code=follow_up, needs_tool=row.get("needs_tool"), family=row.get("family"),
                 extra=row.get("extra") or {k: v for k, v in row.items() if k not in known})
 
 

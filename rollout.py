@@ -463,8 +463,10 @@ class ScriptedExpert:
         if last is not None and last.exec_status in OK_STATUSES:
             printed = re.search(r"Text Result:\n(.*?)(?:\nImage Result:|\n?</interpreter>)", last.observation or "",
                                 re.DOTALL)
-            lines = printed.group(1).strip().splitlines() if printed else []
-            if not lines and last.images:   # a call that only showed a figure: read the answer off it, if it holds one
+            # what the code printed, without the sandbox's own bracketed notes (a restart, a dropped figure)
+            lines = [line for line in (printed.group(1).strip().splitlines() if printed else [])
+                     if not (line.startswith("[") and line.endswith("]"))]
+            if task.follow_up_code and not lines and last.images:   # a zoom: read the answer off it, if it holds one
                 seen = read_zoomed_colour(last.images[-1])
                 if seen is not None:
                     return answer_with(seen)

@@ -153,6 +153,8 @@ def test_validation_and_rl_rows(tmp_path):
     ({"id": 1, "question": "q", "answer": "1", "ability": "a", "data_source": "s", "image_path": "bad.png"}, "image_path"),
     ({"id": 1, "question": ["q"], "answer": "1", "ability": "a", "data_source": "s", "image_path": "a.png"}, "question"),
     ({"id": 1, "question": "q", "answer": {"x": 1}, "ability": "a", "data_source": "s", "image_path": "a.png"}, "answer"),
+    ({"id": 1, "question": "q", "answer": "1", "ability": "a", "data_source": "s", "image_path": "a.png",
+      "follow_up_code": "print(1)"}, "follow_up_code"),
 ])
 def test_bad_rows_name_file_row_and_field(tmp_path, row, field):
     Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
