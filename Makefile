@@ -116,10 +116,10 @@ $(DEMO)/data/video_heldout/tasks.json: | $(STAMP)
 $(ABL_SFT)/config.json: $(DEMO)/model/config.json $(ABL)/data/train/tasks.json
 	$(call cold_start,$(ABL)/sft,$(ABL)/data/train/tasks.json,$(ABL_GUESS),5)
 
-# the cold start's held-out accuracy per family, sampled as RL samples (temperature 1, 4 samples): how often it calls
+# the cold start's held-out accuracy per family, sampled as RL samples (temperature 1, 2 samples): how often it calls
 # the tool and what answering directly earns (results.md, "Per synthetic family")
 $(ABL)/eval_sft/results.json: $(ABL_SFT)/config.json $(ABL)/data/heldout/tasks.json
-	$(PY) eval.py --engine hf --model $(ABL_SFT) --output-dir $(ABL)/eval_sft --temperature 1 --samples 4 \
+	$(PY) eval.py --engine hf --model $(ABL_SFT) --output-dir $(ABL)/eval_sft --temperature 1 --samples 2 \
 		--data $(ABL)/data/heldout/tasks.json $(SHORT) $(ROLL) --max-turns 5
 
 # a video cold start per arm: the image cold start continued on video expert trajectories in that arm's layout (a

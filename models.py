@@ -326,7 +326,7 @@ def set_cpu_threads() -> int:
     keep busy right now (the kernel's count of runnable tasks, this one excluded), shared among this node's ranks.
     torch's default takes every core, and when anything else runs (another rank, the sandbox's tool processes, a second
     run) its spinning threads oversubscribe them: runs were 3-7x slower on 2 cores. Alone, this is torch's default."""
-    if "OMP_NUM_THREADS" in os.environ:
+    if os.environ.get("OMP_NUM_THREADS", "").strip():   # set and not empty (libgomp ignores an empty value)
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))
     busy = max(0, runnable_tasks() - 1)

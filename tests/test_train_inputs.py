@@ -111,6 +111,9 @@ def test_cpu_threads_leave_busy_cores_and_other_ranks_alone(monkeypatch):
         monkeypatch.setattr(models, "runnable_tasks", lambda: 1)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")                          # two ranks on this node
         assert models.set_cpu_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "")                            # empty (`OMP_NUM_THREADS= make`): unset
+        torch.set_num_threads(1)
+        assert models.set_cpu_threads() == 2
         monkeypatch.setenv("OMP_NUM_THREADS", "3")                           # the user's setting wins
         torch.set_num_threads(3)
         assert models.set_cpu_threads() == 3
