@@ -442,13 +442,18 @@ DEFAULT_IMAGE_FAMILIES = ("pixel_color", "count_dots", "checker_patch", "locate_
                           "count_big_squares")
 
 
+def check_image_families(families: Sequence[str]) -> None:
+    """ValueError unless `families` names at least one family and only known ones."""
+    if (unknown := sorted(set(families) - set(IMAGE_FAMILIES))) or not families:
+        what = f"unknown {', '.join(unknown)}" if unknown else "no family named"
+        raise ValueError(f"{what} (known: {', '.join(IMAGE_FAMILIES)})")
+
+
 def iter_image_tasks(n: int, seed: int, families: Sequence[str] = DEFAULT_IMAGE_FAMILIES
                      ) -> Iterator[tuple[Task, Image.Image]]:
     """Seeded synthetic image tasks, `families` in round-robin (a family named twice gets twice the share). Yields
     (task without a path, the full-resolution image)."""
-    unknown = sorted(set(families) - set(IMAGE_FAMILIES))
-    if unknown or not families:
-        raise ValueError(f"unknown image families {unknown}; known: {', '.join(IMAGE_FAMILIES)}")
+    check_image_families(families)
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
     for i in range(n):
@@ -735,8 +740,10 @@ def main() -> None:
                              f"share (known: {', '.join(IMAGE_FAMILIES)})")
     args = parser.parse_args()
     families = tuple(args.families.split(","))
-    if unknown := sorted(set(families) - set(IMAGE_FAMILIES)):
-        parser.error(f"--families: unknown {', '.join(unknown)} (known: {', '.join(IMAGE_FAMILIES)})")
+    try:
+        check_image_families(families)   # before any directory is made
+    except ValueError as e:
+        parser.error(f"--families: {e}")
     if args.kind == "image":
         tasks = generate_image_tasks(args.n, args.seed, args.out, families)
     else:

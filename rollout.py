@@ -470,10 +470,8 @@ class ScriptedExpert:
                 seen = read_zoomed_colour(last.images[-1])
                 if seen is not None:
                     return answer_with(seen)
-            elif done == len(calls):        # the last call printed the answer
+            if done == len(calls):   # no call left: the answer is what the last one printed
                 return answer_with(lines[-1].strip() if lines else "unknown")
-            if done >= len(calls):
-                return answer_with("unknown")
         why = "Let me inspect the" if last is None else (
             "That failed; let me fix the code and inspect the" if last.exec_status not in OK_STATUSES else
             "Let me look closer at the")
