@@ -47,15 +47,15 @@ $(DEMO)/data/train/tasks.json: | $(STAMP)
 $(DEMO)/data/heldout/tasks.json: | $(STAMP)
 	$(call timed,data_heldout,$(PY) data.py --kind image --n 192 --seed 2 --out $(DEMO)/data/heldout)
 
-# the cold start: SFT on scripted-expert trajectories of the tasks in $(2), written under a turn budget of $(4) rounds.
-# $(3) is the fraction of tool-requiring tasks the teacher answered without the tool: the demo's 0.4 gives a policy
-# that under-uses the tool, the situation the paper's RL is for (with 0 it calls the tool on nearly every task and RL
-# has only digit-copy slips left to fix: README "What this shows")
-cold_start = $(PY) sft.py --model $(DEMO)/model --image-tasks $(2) --output-dir $(1) \
-		--epochs 6 --lr 2e-3 --max-turns $(4) --train-vision --direct-rate 0.5 --guess-rate $(3) $(SHORT)
+# the cold start: SFT of the tiny model $(1) on scripted-expert trajectories of the tasks in $(3), written under a turn
+# budget of $(5) rounds, into $(2). $(4) is the fraction of tool-requiring tasks the teacher answered without the
+# tool: the demo's 0.4 gives a policy that under-uses the tool, the situation the paper's RL is for (with 0 it calls
+# the tool on nearly every task and RL has only digit-copy slips left to fix: README "What this shows")
+cold_start = $(PY) sft.py --model $(1) --image-tasks $(3) --output-dir $(2) \
+		--epochs 6 --lr 2e-3 --max-turns $(5) --train-vision --direct-rate 0.5 --guess-rate $(4) $(SHORT)
 
 $(DEMO)/sft/model/config.json: $(DEMO)/model/config.json $(DEMO)/data/train/tasks.json
-	$(call timed,sft,$(call cold_start,$(DEMO)/sft,$(DEMO)/data/train/tasks.json,0.4,3))
+	$(call timed,sft,$(call cold_start,$(DEMO)/model,$(DEMO)/sft,$(DEMO)/data/train/tasks.json,0.4,3))
 
 $(DEMO)/eval_sft/results.json: $(DEMO)/sft/model/config.json $(DEMO)/data/heldout/tasks.json
 	$(call timed,eval_sft,$(PY) eval.py --engine hf --model $(DEMO)/sft/model --data $(DEMO)/data/heldout/tasks.json \
@@ -93,6 +93,8 @@ ABL_FAMILIES := ring_colour,pixel_color,ring_colour,big_shape_color,ring_colour,
 # their cold start writes up to 4 calls (so it has the 3-call trajectories) and answers a share of the tool-requiring
 # tasks directly: a policy that can answer without the tool at a moderate accuracy, the pressure the tool reward is for
 ABL_GUESS:= 0.3
+ABL_MODEL:= $(ABL)/model
+SEE_STEPS:= 400
 ABL_SFT  := $(ABL)/sft/model
 IMAGE_RUN:= --model $(ABL_SFT) --data $(ABL)/data/train/tasks.json
 # the video pair: the cold start continued on video expert trajectories, then RL on video tasks with the video only in
@@ -113,8 +115,13 @@ $(DEMO)/data/video_train/tasks.json: | $(STAMP)
 $(DEMO)/data/video_heldout/tasks.json: | $(STAMP)
 	$(PY) data.py --kind video --n 48 --seed 2 --out $(DEMO)/data/video_heldout
 
-$(ABL_SFT)/config.json: $(DEMO)/model/config.json $(ABL)/data/train/tasks.json
-	$(call cold_start,$(ABL)/sft,$(ABL)/data/train/tasks.json,$(ABL_GUESS),5)
+# the demo's tiny model with seeing pretraining added (tiny.py, pretrain_seeing): without it the policy cannot name
+# the colour in a zoom it fetched, so ring_colour's calls cannot pay (docs/results.md, "Multi-call tasks")
+$(ABL_MODEL)/config.json: $(DEMO)/model/config.json
+	$(PY) tiny.py --out $(ABL_MODEL) --from $(DEMO)/model --see-steps $(SEE_STEPS)
+
+$(ABL_SFT)/config.json: $(ABL_MODEL)/config.json $(ABL)/data/train/tasks.json
+	$(call cold_start,$(ABL_MODEL),$(ABL)/sft,$(ABL)/data/train/tasks.json,$(ABL_GUESS),5)
 
 # the cold start's held-out accuracy per family, sampled as RL samples (temperature 1, 2 samples): how often it calls
 # the tool and what answering directly earns (results.md, "Per synthetic family")

@@ -6,11 +6,14 @@ What this file is
     BPE tokenizer (Qwen's special tokens and chat template, digits split as Qwen splits them) and Qwen's image
     processor, so everything downstream uses the very loading path (`models.load_policy`) a real checkpoint uses. The
     demo size then gets a few minutes of text-only copy pretraining (`pretrain_copying`), the one pretrained skill the
-    method leans on that a random model lacks: repeating a number it has read.
+    demo's tasks lean on that a random model lacks: repeating a number it has read. Tasks that make the policy read a
+    figure it fetched (data.py, ring_colour) lean on a second one, naming the colour it is shown; `--see-steps` adds
+    it to a built checkpoint (`pretrain_seeing`, generic pictures; the ablations' model, Makefile `ABL_MODEL`).
 
 How to run
     python tiny.py --out runs/tiny --size test        # ~1 M params, for tests
-    python tiny.py --out runs/tiny-demo --size demo   # the CPU demo's policy (with ~8 min of copy pretraining)
+    python tiny.py --out runs/tiny-demo --size demo   # the CPU demo's policy (with ~8-13 min of copy pretraining)
+    python tiny.py --out runs/tiny-see --from runs/tiny-demo --see-steps 600   # + seeing pretraining (~15 min)
 
 Differences from a real checkpoint
     * A 2-layer vision tower with random weights (its features mean nothing until the cold start trains it) and a
@@ -29,8 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -213,43 +218,203 @@ def _copy_document(rng: random.Random) -> list[tuple[str, bool]]:
             (copied, True)]
 
 
-def pretrain_copying(model, processor: VLProcessor, steps: int, seed: int = 0, batch: int = 32, seq_len: int = 128,
-                     lr: float = 1e-3) -> list[dict]:
-    """Train the language model on packed copy documents (AdamW, warm-up then cosine). Returns a log (first step, then
-    every 25) with the loss and the accuracy on the copied tokens."""
-    rng = random.Random(seed)
-    params = list(model.model.language_model.parameters())   # the head is tied to the embeddings
+def _copy_row(rng: random.Random, processor: VLProcessor, seq_len: int) -> tuple[list[int], list[int]]:
+    """`seq_len + 1` tokens of packed copy documents and their target mask (1 on copied tokens)."""
+    ids, mask = [], []
+    while len(ids) < seq_len + 1:
+        for text, is_target in _copy_document(rng):
+            piece = processor.encode_text(text)
+            ids += piece
+            mask += [int(is_target)] * len(piece)
+    return ids[:seq_len + 1], mask[:seq_len + 1]
+
+
+def _pretrain(params: list, steps: int, lr: float, desc: str, batch_loss) -> list[dict]:
+    """The skills' shared loop: AdamW, 20 warm-up steps then cosine, gradient clip 1. `batch_loss()` draws a batch and
+    returns (loss, {metric: value}); the log keeps the first step, then every 25."""
     optimizer = torch.optim.AdamW(params, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps=20, total_steps=steps))
-
-    def row() -> tuple[list[int], list[int]]:
-        ids, mask = [], []
-        while len(ids) < seq_len + 1:
-            for text, is_target in _copy_document(rng):
-                piece = processor.encode_text(text)
-                ids += piece
-                mask += [int(is_target)] * len(piece)
-        return ids[:seq_len + 1], mask[:seq_len + 1]
-
     log = []
-    model.train()
-    for step in tqdm(range(steps), desc="copy pretraining"):
-        rows = [row() for _ in range(batch)]
-        ids = torch.tensor([r[0] for r in rows], device=model.device)                        # (B, L+1)
-        target_mask = torch.tensor([r[1] for r in rows], device=model.device)[:, 1:].bool()   # (B, L): copied tokens
-        logits = model(input_ids=ids[:, :-1]).logits                                          # (B, L, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")         # (B, L)
-        loss = nll[target_mask].mean()
+    bar = tqdm(range(steps), desc=desc)
+    for step in bar:
+        loss, metrics = batch_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         if step == 0 or (step + 1) % 25 == 0 or step + 1 == steps:
-            hit = (logits.argmax(-1) == ids[:, 1:])[target_mask].float().mean()
-            log.append({"step": step + 1, "loss": float(loss.detach()), "copy_acc": float(hit)})
+            log.append({"step": step + 1, "loss": float(loss.detach())} | {k: float(v) for k, v in metrics.items()})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in log[-1].items() if k != "step"})
+    return log
+
+
+def pretrain_copying(model, processor: VLProcessor, steps: int, seed: int = 0, batch: int = 32, seq_len: int = 128,
+                     lr: float = 1e-3) -> list[dict]:
+    """Train the language model on packed copy documents. Returns a log with the loss and the accuracy on the copied
+    tokens."""
+    rng = random.Random(seed)
+
+    def batch_loss():
+        rows = [_copy_row(rng, processor, seq_len) for _ in range(batch)]
+        ids = torch.tensor([r[0] for r in rows], device=model.device)                        # (B, L+1)
+        target_mask = torch.tensor([r[1] for r in rows], device=model.device)[:, 1:].bool()   # (B, L): copied tokens
+        logits = model(input_ids=ids[:, :-1]).logits                                          # (B, L, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")         # (B, L)
+        hit = (logits.detach().argmax(-1) == ids[:, 1:])[target_mask].float().mean()
+        return nll[target_mask].mean(), {"copy_acc": hit}
+
+    model.train()
+    # the head is tied to the embeddings
+    log = _pretrain(list(model.model.language_model.parameters()), steps, lr, "copy pretraining", batch_loss)
     model.eval()
     return log
+
+
+# Seeing. Qwen2.5-VL names the colour of what it is shown; a random tiny model trained only on tasks does not learn to:
+# after the cold start its visual tokens held a returned zoom's colour (a linear probe reads it 88 % of the time,
+# bench/figure_probe.py) while its answers about that zoom were at chance (docs/results.md, "Multi-call tasks"). A
+# few hundred steps on generic pictures, one palette-coloured square or circle each on a white, black or noisy
+# background, sometimes framed, sometimes beside black shapes, sometimes blurred by an upscale, teach the language
+# model to read colour from visual tokens. The pictures are drawn here, not by any task family, with their own
+# random layouts; the answer is the colour's name, with or without options listed (the tasks' option format).
+
+SHAPES = ("square", "circle")
+SEE_QUESTIONS = ("What is the colour of the {shape}?", "Which colour is the {shape}?", "What colour is shown?",
+                 "Name the colour of the coloured {shape}.")
+
+
+def _draw(canvas: np.ndarray, shape: str, cx: int, cy: int, half: int, colour) -> None:
+    """A filled square of side 2*half+1 or a disc of radius half, centred at (cx, cy)."""
+    if shape == "square":
+        canvas[max(cy - half, 0):cy + half + 1, max(cx - half, 0):cx + half + 1] = colour
+    else:
+        yy, xx = np.ogrid[:canvas.shape[0], :canvas.shape[1]]
+        canvas[(xx - cx) ** 2 + (yy - cy) ** 2 <= half * half] = colour
+
+
+def _seeing_picture(rng: random.Random, nrng: np.random.Generator) -> tuple[Image.Image, str, str]:
+    """One generic picture -> (picture, shape word, colour name)."""
+    w, h = rng.randint(64, 224), rng.randint(64, 224)
+    background = rng.choice(["white", "black", "noise", "coarse noise"])
+    if background in ("white", "black"):
+        canvas = np.full((h, w, 3), 255 if background == "white" else 0, np.uint8)                       # (H, W, 3)
+    else:
+        cell = 1 if background == "noise" else rng.choice([2, 4, 6])
+        grain = nrng.integers(90, 171, size=(h // cell + 1, w // cell + 1, 1), dtype=np.uint8).repeat(3, axis=2)
+        canvas = grain.repeat(cell, axis=0).repeat(cell, axis=1)[:h, :w].copy()                          # (H, W, 3)
+    for _ in range(rng.randint(0, 2)):   # black distractors, possibly under the coloured shape
+        _draw(canvas, rng.choice(SHAPES), rng.randrange(w), rng.randrange(h), rng.randint(3, min(w, h) // 5), 0)
+    shape, colour = rng.choice(SHAPES), rng.choice(list(data.PALETTE))
+    half = rng.randint(1, min(w, h) // 4)
+    thickness, gap = rng.randint(1, 8), rng.randint(0, 12)
+    framed = rng.random() < 0.5 and 2 * (half + gap + thickness) + 2 < min(w, h)
+    reach = half + gap + thickness if framed else half
+    cx, cy = rng.randint(reach, w - 1 - reach), rng.randint(reach, h - 1 - reach)
+    if framed:   # a black square frame around the shape, the background kept inside it
+        inner = canvas[cy - half - gap:cy + half + gap + 1, cx - half - gap:cx + half + gap + 1].copy()
+        canvas[cy - reach:cy + reach + 1, cx - reach:cx + reach + 1] = 0
+        canvas[cy - half - gap:cy + half + gap + 1, cx - half - gap:cx + half + gap + 1] = inner
+    _draw(canvas, shape, cx, cy, half, data.PALETTE[colour])
+    picture = Image.fromarray(canvas)
+    if rng.random() < 0.4:   # seen through a zoom: a coarser picture upscaled, edges blurred
+        factor = rng.choice([2, 3, 4])
+        picture = picture.resize((max(w // factor, 8), max(h // factor, 8)), Image.NEAREST).resize((w, h), Image.BICUBIC)
+    return picture, shape, colour
+
+
+def seeing_document(processor: VLProcessor, picture: Image.Image, question: str, answer: str,
+                    returned: bool) -> rollout.Trajectory:
+    """A question about a picture and its answer as a record whose target mask covers the answer's value. The picture
+    sits in the question (the first user turn's layout) or, when `returned`, comes back from a tool call (an observation
+    turn's layout, rollout.observation_text) after a question without it."""
+    if returned:
+        context = (processor.apply_chat_template([{"role": "user", "content": question}])
+                   + "<code>\n```python\nimage_clue_0.show()\n```\n</code>" + rollout.observation_text("image", "", 1, 1))
+    else:
+        content = [{"type": "text", "text": "<image_clue_0>"}, {"type": "image"},
+                   {"type": "text", "text": "</image_clue_0>\n" + question}]
+        context = processor.apply_chat_template([{"role": "user", "content": content}])
+    pixel_values, grid = processor.encode_images([picture])
+    ids = processor.encode_text(processor.expand_pads(context + "<answer>\n\\boxed{", grid.tolist()))
+    target = processor.encode_text(f"{answer}}}\n</answer>")
+    task = data.Task(id="seeing", question=question, answer=answer, ability="pretraining", data_source="tiny")
+    return rollout.Trajectory(task, 0, 0, "image", ids + target, [0] * len(ids) + [1] * len(target), len(ids),
+                              [picture], [pixel_values], grid.tolist())
+
+
+def _seeing_row(rng: random.Random, nrng: np.random.Generator, processor: VLProcessor) -> rollout.Trajectory:
+    """A seeing document on a fresh picture, answered with the colour's name; half the questions list the colours as
+    shuffled options (answered by the option's text, as the scripted expert answers), half the pictures sit in the
+    question and half come back from a tool."""
+    picture, shape, colour = _seeing_picture(rng, nrng)
+    question = rng.choice(SEE_QUESTIONS).format(shape=shape)
+    if rng.random() < 0.5:
+        choices = list(data.PALETTE)
+        rng.shuffle(choices)
+        question += " Options: " + " ".join(f"{data.LETTERS[k]}. {c}" for k, c in enumerate(choices))
+    return seeing_document(processor, picture, question, colour, returned=rng.random() < 0.5)
+
+
+@torch.no_grad()
+def answer_accuracy(model, processor: VLProcessor, docs: Sequence[rollout.Trajectory], batch: int = 16) -> float:
+    """Share of documents whose answer's first token (the colour or the letter) is the model's greedy choice."""
+    hits = []
+    for start in range(0, len(docs), batch):
+        chunk = docs[start:start + batch]
+        logits = model(**rollout.batch_inputs(chunk, processor, model.device, side="right")).logits   # (B, T, V)
+        for row, doc in zip(logits, chunk):
+            hits.append(int(row[doc.prompt_len - 1].argmax()) == doc.input_ids[doc.prompt_len])
+    return sum(hits) / len(hits)
+
+
+def pretrain_seeing(model, processor: VLProcessor, steps: int, seed: int = 0, batch: int = 16, copy_rows: int = 4,
+                    lr: float = 1e-3) -> list[dict]:
+    """Train the whole model (vision tower, merger, language model) on seeing documents, with `copy_rows` rows of copy
+    documents in every batch so the copying skill is kept. Returns a log with the loss, the accuracy on the answers'
+    first token (the colour or the letter) and on copied tokens."""
+    rng, nrng = random.Random(seed + 1), np.random.default_rng(seed + 1)
+
+    def batch_loss():
+        docs = [_seeing_row(rng, nrng, processor) for _ in range(batch)]
+        for _ in range(copy_rows):
+            ids, mask = _copy_row(rng, processor, 128)
+            docs.append(rollout.Trajectory(docs[0].task, 0, 0, "image", ids, mask, 0, [], [], []))
+        inputs = rollout.batch_inputs(docs, processor, model.device, side="right")
+        targets, _ = processor.pad([d.action_mask for d in docs], side="right", value=0)         # (B, T)
+        targets = targets.to(model.device)[:, 1:].bool()                                        # (B, T-1)
+        logits = model(**inputs).logits[:, :-1]                                                  # (B, T-1, V)
+        labels = inputs["input_ids"][:, 1:]                                                      # (B, T-1)
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")                  # (B, T-1)
+        hit = logits.detach().argmax(-1) == labels                                               # (B, T-1)
+        first = targets & ~F.pad(targets, (1, 0))[:, :-1]           # the first target token of each document
+        first[batch:] = False
+        return nll[targets].mean(), {"see_acc": hit[first].float().mean(),
+                                     "copy_acc": hit[batch:][targets[batch:]].float().mean()}
+
+    model.train()
+    log = _pretrain([p for p in model.parameters()], steps, lr, "seeing pretraining", batch_loss)
+    model.eval()
+    return log
+
+
+def add_seeing(src: str | os.PathLike, out_dir: str | os.PathLike, steps: int, seed: int = 0) -> Path:
+    """Copy the tiny checkpoint `src` to `out_dir` with `steps` of seeing pretraining added; its log goes beside it
+    (seeing_pretraining.jsonl) and tiny.json records the steps. `src` is only read."""
+    info = json.loads((Path(src) / "tiny.json").read_text()) if (Path(src) / "tiny.json").is_file() else None
+    if info is None:
+        raise ValueError(f"--from {src}: not a tiny checkpoint (no tiny.json); seeing pretraining is for tiny models")
+    with atomic_dir(out_dir) as out:
+        model, processor = load_policy(src)
+        torch.manual_seed(seed)
+        log = pretrain_seeing(model, processor, steps, seed=seed)
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        if (Path(src) / "copy_pretraining.jsonl").is_file():
+            (out / "copy_pretraining.jsonl").write_bytes((Path(src) / "copy_pretraining.jsonl").read_bytes())
+        (out / "seeing_pretraining.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+        (out / "tiny.json").write_text(json.dumps(info | {"see_steps": steps, "see_seed": seed}, indent=1))
+    return Path(out_dir)
 
 
 def main() -> None:
@@ -258,9 +423,16 @@ def main() -> None:
     parser.add_argument("--size", default="test", choices=sorted(TINY_SIZES), help="'test' for tests, 'demo' for the demo")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the tokenizer corpus")
     parser.add_argument("--copy-steps", type=int, default=None, help="steps of copy pretraining (default: the size's)")
+    parser.add_argument("--from", dest="source", default=None,
+                        help="a tiny checkpoint to continue instead of building one (with --see-steps)")
+    parser.add_argument("--see-steps", type=int, default=0, help="steps of seeing pretraining (pretrain_seeing) added "
+                                                                 "to the --from checkpoint")
     args = parser.parse_args()
+    if (args.source is None) != (args.see_steps == 0):
+        parser.error("--from and --see-steps go together: --from CHECKPOINT --see-steps N (N > 0)")
     set_cpu_threads()
-    path = build_tiny(args.out, seed=args.seed, size=args.size, copy_steps=args.copy_steps)
+    path = (add_seeing(args.source, args.out, args.see_steps, seed=args.seed) if args.source
+            else build_tiny(args.out, seed=args.seed, size=args.size, copy_steps=args.copy_steps))
     n_params = sum(p.numel() for p in load_policy(path)[0].parameters())
     print(f"wrote {path} ({n_params / 1e6:.2f} M parameters)")
 

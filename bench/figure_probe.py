@@ -8,11 +8,14 @@ What it measures
     that shows a colour per task), runs each through the checkpoint's vision tower and merger as the policy would
     (`VLProcessor.encode_images`, then `model.model.visual`), and fits a linear classifier (softmax regression on the
     mean and the centre merged token) on 70 % of the figures; it prints its accuracy on the other 30 % beside chance.
-    A high probe accuracy with a low task accuracy means the colour is there and the language model does not use it.
+    Then it asks the policy itself: each figure returned by a tool call after the task's question, the share of greedy
+    answers that name its colour (`tiny.answer_accuracy`; the option's text, as the scripted expert answers). A high probe accuracy with a low answer accuracy means
+    the colour is there and the language model does not use it.
 
 How to run
     python bench/figure_probe.py --model runs/ablations/sft/model            # a cold start
     python bench/figure_probe.py --model runs/demo/model --n 300 --seed 11   # the untrained vision tower
+    python bench/figure_probe.py --model runs/ablations/model                # after seeing pretraining (tiny.py)
 """
 from __future__ import annotations
 
@@ -27,11 +30,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data    # noqa: E402
 import models  # noqa: E402
+import tiny    # noqa: E402
 
 
-def zoom_figures(n: int, seed: int) -> tuple[list[Image.Image], list[int]]:
-    """The first figure showing a colour in each of `n` ring_colour tasks, and the colour's index in data.PALETTE."""
-    figures, labels, shown = [], [], []
+def zoom_figures(n: int, seed: int) -> tuple[list[Image.Image], list[int], list[data.Task]]:
+    """The first figure showing a colour in each of `n` ring_colour tasks, the colour's index in data.PALETTE, and the
+    task."""
+    figures, labels, tasks, shown = [], [], [], []
     show = Image.Image.show
     Image.Image.show = lambda self, *args, **kwargs: shown.append(self)   # what the sandbox's capture receives
     try:
@@ -42,10 +47,11 @@ def zoom_figures(n: int, seed: int) -> tuple[list[Image.Image], list[int]]:
                 if name is not None:
                     figures.append(shown[-1])
                     labels.append(list(data.PALETTE).index(name))
+                    tasks.append(task)
                     break
     finally:
         Image.Image.show = show
-    return figures, labels
+    return figures, labels, tasks
 
 
 @torch.no_grad()
@@ -86,10 +92,14 @@ def main() -> None:
     models.set_cpu_threads()
     torch.manual_seed(0)
     model, processor = models.load_policy(args.model)
-    figures, labels = zoom_figures(args.n, args.seed)
+    figures, labels, tasks = zoom_figures(args.n, args.seed)
     accuracy = probe_accuracy(visual_features(model, processor, figures), labels)
-    print(f"{args.model}: {len(labels)} zoom figures; linear probe accuracy on the held-out 30 %: {accuracy:.3f} "
-          f"(chance {1 / len(data.PALETTE):.2f})")
+    # the same figures as the answer step of a trajectory sees them: the task's question, the zoom returned by a call
+    docs = [tiny.seeing_document(processor, figure, task.question, task.answer_text, returned=True)
+            for figure, task in zip(figures, tasks)]
+    read = tiny.answer_accuracy(model, processor, docs)
+    print(f"{args.model}: {len(labels)} zoom figures; linear probe accuracy on the held-out 30 %: {accuracy:.3f}; "
+          f"greedy answer after the returned zoom: {read:.3f} (chance {1 / len(data.PALETTE):.2f})")
 
 
 if __name__ == "__main__":

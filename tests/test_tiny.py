@@ -1,5 +1,6 @@
 """tiny.py: the tiny checkpoint builds deterministically and whole or not at all, from the command line too; copy
-pretraining targets only what the context shows and learns it."""
+pretraining targets only what the context shows and learns it; seeing pretraining asks what its pictures show, trains
+the vision tower with the language model, and is added to a checkpoint without touching it."""
 import os
 from pathlib import Path
 
@@ -85,3 +86,55 @@ def test_a_build_killed_midway_leaves_no_model_directory(tmp_path):
     with pytest.raises(FileExistsError, match="refusing to write into it"):
         tiny.build_tiny(out, size="test")
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_seeing_documents_ask_what_the_picture_shows(tiny_dir):
+    """Each seeing document's target is the name of the colour of the one palette-coloured shape its picture holds
+    (also when the question lists options: the scripted expert answers by the option's text), and only the answer is a
+    target."""
+    import random
+    import re
+    import numpy as np
+    import data
+    _, p = models.load_policy(tiny_dir)
+    rng, nrng = random.Random(0), np.random.default_rng(0)
+    layouts = set()
+    for _ in range(120):
+        doc = tiny._seeing_row(rng, nrng, p)
+        pixels = np.asarray(doc.images[0]).reshape(-1, 3).astype(int)                    # (H*W, 3)
+        coloured = pixels[pixels.max(1) - pixels.min(1) > 120]                            # saturated pixels only
+        nearest = {min(data.PALETTE, key=lambda n: ((px - data.PALETTE[n]) ** 2).sum()) for px in coloured[::7]}
+        target = p.decode([t for t, m in zip(doc.input_ids, doc.action_mask) if m])
+        value = target.split("}")[0]
+        options = re.findall(r"[A-D]\. (\w+)", doc.task.question)
+        assert target == value + "}\n</answer>" and {value} == nearest, (doc.task.question, target)
+        assert doc.action_mask[:doc.prompt_len] == [0] * doc.prompt_len and doc.check_vision_consistency(p)
+        layouts.add(("Image Result" in p.decode(doc.input_ids), bool(options)))
+    assert len(layouts) == 4   # in the question or returned by a tool, with or without options
+
+
+def test_seeing_pretraining_trains_vision_and_language(tiny_dir):
+    model, p = models.load_policy(tiny_dir)
+    vision_before = {k: v.clone() for k, v in model.model.visual.state_dict().items()}
+    log = tiny.pretrain_seeing(model, p, steps=40, batch=8, copy_rows=2, lr=3e-3)
+    assert log[0]["step"] == 1 and log[-1]["step"] == 40 and {"see_acc", "copy_acc"} <= set(log[-1])
+    assert log[-1]["loss"] < 0.6 * log[0]["loss"]
+    assert not all(torch.equal(v, model.model.visual.state_dict()[k]) for k, v in vision_before.items())
+
+
+def test_cli_adds_seeing_to_a_tiny_checkpoint_without_touching_it(tiny_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+    before = {f.name: f.read_bytes() for f in tiny_dir.iterdir() if f.is_file()}
+    run = lambda *flags: subprocess.run([sys.executable, "tiny.py", *flags], cwd=Path(tiny.__file__).parent,
+                                        capture_output=True, text=True, timeout=120)
+    out = run("--out", str(tmp_path / "seeing"), "--from", str(tiny_dir), "--see-steps", "2")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "seeing" / "tiny.json").read_text())["see_steps"] == 2
+    assert len((tmp_path / "seeing" / "seeing_pretraining.jsonl").read_text().splitlines()) == 2
+    assert {f.name: f.read_bytes() for f in tiny_dir.iterdir() if f.is_file()} == before
+    assert "--from and --see-steps go together" in run("--out", str(tmp_path / "x"), "--see-steps", "2").stderr
+    (tmp_path / "plain").mkdir()
+    refused = run("--out", str(tmp_path / "y"), "--from", str(tmp_path / "plain"), "--see-steps", "2")
+    assert refused.returncode != 0 and "not a tiny checkpoint" in refused.stderr and not (tmp_path / "y").exists()
