@@ -153,7 +153,8 @@ heldout_turns_4            := $(IMAGE_HELDOUT) --max-turns 5
 heldout_video_on_demand    := $(VIDEO_HELDOUT) --video-context on_demand
 heldout_video_full_context := $(VIDEO_HELDOUT) --video-context full_context
 arm = $(firstword $(subst -s, ,$(1)))
-ABL_RUNS := $(foreach a,$(ARMS),$(foreach s,$(SEEDS),$(ABL)/$(a)-s$(s)/eval/results.json))
+# seed by seed, so a stopped run of several arms leaves them with equal seeds
+ABL_RUNS := $(foreach s,$(SEEDS),$(foreach a,$(ARMS),$(ABL)/$(a)-s$(s)/eval/results.json))
 
 # one run: runs/ablations/ARM-sSEED (ARM picks the flags above); the video arms also need their cold start
 $(ABL)/%/final/config.json: $(ABL_SFT)/config.json $(ABL)/data/train/tasks.json

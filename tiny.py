@@ -13,7 +13,7 @@ What this file is
 How to run
     python tiny.py --out runs/tiny --size test        # ~1 M params, for tests
     python tiny.py --out runs/tiny-demo --size demo   # the CPU demo's policy (with ~8-13 min of copy pretraining)
-    python tiny.py --out runs/tiny-see --from runs/tiny-demo --see-steps 600   # + seeing pretraining (~15 min)
+    python tiny.py --out runs/tiny-see --from runs/tiny-demo --see-steps 400   # + seeing pretraining (~6 min)
 
 Differences from a real checkpoint
     * A 2-layer vision tower with random weights (its features mean nothing until the cold start trains it) and a

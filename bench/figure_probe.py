@@ -9,13 +9,17 @@ What it measures
     (`VLProcessor.encode_images`, then `model.model.visual`), and fits a linear classifier (softmax regression on the
     mean and the centre merged token) on 70 % of the figures; it prints its accuracy on the other 30 % beside chance.
     Then it asks the policy itself: each figure returned by a tool call after the task's question, the share of greedy
-    answers that name its colour (`tiny.answer_accuracy`; the option's text, as the scripted expert answers). A high probe accuracy with a low answer accuracy means
-    the colour is there and the language model does not use it.
+    answers that name its colour (`tiny.answer_accuracy`; the option's text, as the scripted expert answers). A high
+    probe accuracy with a low answer accuracy means the colour is there and the language model does not use it. With
+    `--tasks`, the policy also runs greedily on a task file's ring_colour tasks through the real loop and sandbox: how
+    often a zoom it asked for showed the colour (its code copied a printed ring centre closely enough) and how often it
+    then named that colour.
 
 How to run
     python bench/figure_probe.py --model runs/ablations/sft/model            # a cold start
     python bench/figure_probe.py --model runs/demo/model --n 300 --seed 11   # the untrained vision tower
     python bench/figure_probe.py --model runs/ablations/model                # after seeing pretraining (tiny.py)
+    python bench/figure_probe.py --model runs/ablations/full-s1/final --tasks runs/ablations/data/heldout/tasks.json
 """
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data    # noqa: E402
 import models  # noqa: E402
+import rollout  # noqa: E402
 import tiny    # noqa: E402
+from sandbox import SandboxPool  # noqa: E402
 
 
 def zoom_figures(n: int, seed: int) -> tuple[list[Image.Image], list[int], list[data.Task]]:
@@ -83,11 +89,30 @@ def probe_accuracy(features: torch.Tensor, labels: list[int], train_frac: float 
         return float(((x[n:] @ w + b).argmax(1) == y[n:]).float().mean())
 
 
+def zoom_hits(model, processor: models.VLProcessor, tasks_file: str, max_turns: int) -> str:
+    """The policy's own greedy rollouts on the ring_colour tasks of `tasks_file`: how often a zoom it asked for showed
+    the colour (its call copied a printed centre closely enough), and how often it then named the colour."""
+    tasks = [t for t in data.load_tasks(tasks_file)[0] if t.family == "ring_colour"]
+    engine = rollout.make_engine("hf", model=model, processor=processor, temperature=0.0)
+    cfg = rollout.RolloutConfig(max_turns=max_turns, max_turn_tokens=160, max_response_tokens=768, template_key="short")
+    with SandboxPool() as pool:
+        trajs = rollout.rollout(tasks, engine, processor, pool.open, cfg)
+    rollout.score_trajectories(trajs, processor)
+    called = [t for t in trajs if t.num_tool_calls]
+    shown = [t for t in called if any(data.read_zoomed_colour(im) for turn in t.turns for im in turn.images)]
+    return (f"{len(trajs)} ring_colour tasks of {tasks_file}, greedy, {max_turns} rounds: accuracy "
+            f"{sum(t.correct for t in trajs) / len(trajs):.3f}; {len(called)} called the tool; a zoom showed the colour "
+            f"in {len(shown)} of them ({len(shown) / max(len(called), 1):.2f}), named right in "
+            f"{sum(t.correct for t in shown)} of those")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Linear probe: the colour of ring_colour zooms in visual tokens.")
     parser.add_argument("--model", required=True, help="checkpoint directory (a tiny model or a cold start)")
     parser.add_argument("--n", type=int, default=300, help="ring_colour tasks, one zoom figure each")
     parser.add_argument("--seed", type=int, default=11, help="task seed (not the training or held-out seeds)")
+    parser.add_argument("--tasks", default="", help="also roll the policy out on this tasks.json's ring_colour tasks")
+    parser.add_argument("--max-turns", type=int, default=3, help="rounds of those rollouts (3: a budget of 2 calls)")
     args = parser.parse_args()
     models.set_cpu_threads()
     torch.manual_seed(0)
@@ -100,6 +125,8 @@ def main() -> None:
     read = tiny.answer_accuracy(model, processor, docs)
     print(f"{args.model}: {len(labels)} zoom figures; linear probe accuracy on the held-out 30 %: {accuracy:.3f}; "
           f"greedy answer after the returned zoom: {read:.3f} (chance {1 / len(data.PALETTE):.2f})")
+    if args.tasks:
+        print(zoom_hits(model, processor, args.tasks, args.max_turns))
 
 
 if __name__ == "__main__":
