@@ -358,7 +358,7 @@ def _seeing_row(rng: random.Random, nrng: np.random.Generator, processor: VLProc
 
 @torch.no_grad()
 def answer_accuracy(model, processor: VLProcessor, docs: Sequence[rollout.Trajectory], batch: int = 16) -> float:
-    """Share of documents whose answer's first token (the colour or the letter) is the model's greedy choice."""
+    """Share of documents whose answer's first token (the colour's name) is the model's greedy choice."""
     hits = []
     for start in range(0, len(docs), batch):
         chunk = docs[start:start + batch]
@@ -372,7 +372,7 @@ def pretrain_seeing(model, processor: VLProcessor, steps: int, seed: int = 0, ba
                     lr: float = 1e-3) -> list[dict]:
     """Train the whole model (vision tower, merger, language model) on seeing documents, with `copy_rows` rows of copy
     documents in every batch so the copying skill is kept. Returns a log with the loss, the accuracy on the answers'
-    first token (the colour or the letter) and on copied tokens."""
+    first token (the colour's name) and on copied tokens."""
     rng, nrng = random.Random(seed + 1), np.random.default_rng(seed + 1)
 
     def batch_loss():
@@ -393,7 +393,7 @@ def pretrain_seeing(model, processor: VLProcessor, steps: int, seed: int = 0, ba
                                      "copy_acc": hit[batch:][targets[batch:]].float().mean()}
 
     model.train()
-    log = _pretrain([p for p in model.parameters()], steps, lr, "seeing pretraining", batch_loss)
+    log = _pretrain(list(model.parameters()), steps, lr, "seeing pretraining", batch_loss)
     model.eval()
     return log
 
@@ -401,9 +401,9 @@ def pretrain_seeing(model, processor: VLProcessor, steps: int, seed: int = 0, ba
 def add_seeing(src: str | os.PathLike, out_dir: str | os.PathLike, steps: int, seed: int = 0) -> Path:
     """Copy the tiny checkpoint `src` to `out_dir` with `steps` of seeing pretraining added; its log goes beside it
     (seeing_pretraining.jsonl) and tiny.json records the steps. `src` is only read."""
-    info = json.loads((Path(src) / "tiny.json").read_text()) if (Path(src) / "tiny.json").is_file() else None
-    if info is None:
+    if not (Path(src) / "tiny.json").is_file():
         raise ValueError(f"--from {src}: not a tiny checkpoint (no tiny.json); seeing pretraining is for tiny models")
+    info = json.loads((Path(src) / "tiny.json").read_text())
     with atomic_dir(out_dir) as out:
         model, processor = load_policy(src)
         torch.manual_seed(seed)
@@ -428,7 +428,7 @@ def main() -> None:
     parser.add_argument("--see-steps", type=int, default=0, help="steps of seeing pretraining (pretrain_seeing) added "
                                                                  "to the --from checkpoint")
     args = parser.parse_args()
-    if (args.source is None) != (args.see_steps == 0):
+    if args.see_steps < 0 or (args.source is None) != (args.see_steps == 0):
         parser.error("--from and --see-steps go together: --from CHECKPOINT --see-steps N (N > 0)")
     set_cpu_threads()
     path = (add_seeing(args.source, args.out, args.see_steps, seed=args.seed) if args.source
