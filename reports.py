@@ -204,14 +204,19 @@ def demo_summary(sft_eval: str | Path, rl_eval: str | Path, train_dir: str | Pat
 
 ABLATION_KEYS = ("acc/mean", "tool/calls_mean", "rollout/turns_mean", "adv/neg_correct_frac",
                  "rollout/visual_tokens_mean")
+# averaged over the whole run: RL's push on tool use, whose sign says whether calls should rise or collapse
+PRESSURE_KEYS = ("tool/reward_gap", "tool/reward_gap_bonus")
+# compared with the `full` arm seed by seed: a run and its `full` twin share the seed's task order and first rollouts
+PAIRED_KEYS = ("tool/calls_mean", "acc/mean", "heldout_accuracy")
 
 
 def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
     """Runs under ROOT named ARM-sSEED: curves.png (mean over seeds, min-max shaded), summary.json (per arm and seed: the
     last `last` steps' means of ABLATION_KEYS, the first `early` steps' means of accuracy and of the share of correct
-    samples with a negative advantage, the step-to-step std of accuracy and, where ARM-sSEED/eval/results.json exists,
-    the final checkpoint's held-out accuracy and tool calls, overall and per synthetic family) and summary.md (each as
-    mean ± half the spread over seeds)."""
+    samples with a negative advantage, the whole run's means of PRESSURE_KEYS, the step-to-step std of accuracy and,
+    where ARM-sSEED/eval/results.json exists, the final checkpoint's held-out accuracy and tool calls, overall and per
+    synthetic family) and summary.md (each as mean ± half the spread over seeds, then each arm minus `full` seed by
+    seed)."""
     root = Path(root)
     runs: dict[str, list[Path]] = defaultdict(list)
     for run_dir in sorted(p for p in root.iterdir() if (p / "metrics.jsonl").is_file()):
@@ -226,8 +231,8 @@ def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
     def spread(values: list[float]) -> str:
         return f"{statistics.fmean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}" if values else "–"
 
-    keys = [*ABLATION_KEYS, f"acc/mean first {early}", f"adv/neg_correct_frac first {early}", "acc/mean step std",
-            "heldout_accuracy", "heldout_tool_calls"]
+    keys = [*ABLATION_KEYS, f"acc/mean first {early}", f"adv/neg_correct_frac first {early}",
+            *(f"{k} run mean" for k in PRESSURE_KEYS), "acc/mean step std", "heldout_accuracy", "heldout_tool_calls"]
     rows = [[arm, str(len(seeds)), *(spread([v[key] for v in seeds.values() if v.get(key) is not None]) for key in keys)]
             for arm, seeds in summary.items()]
     parts = [_table(["arm", "seeds", *(f"{k} (last {last})" if k in ABLATION_KEYS else k for k in keys)], rows)]
@@ -239,9 +244,34 @@ def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
                 for arm, seeds in summary.items()]
         parts += ["", "Held-out, per family (accuracy, tool calls):", "",
                   _table(["arm", *(f"{f} {m}" for f in families for m in ("acc", "calls"))], rows)]
+    paired = paired_differences(summary)
+    if paired:
+        rows = [[arm, ", ".join(sorted(seeds)), *(spread(diffs[key]) + f" ({_signs(diffs[key])})" if diffs[key] else "–"
+                                                  for key in PAIRED_KEYS)]
+                for arm, (seeds, diffs) in paired.items()]
+        parts += ["", f"Minus `full`, seed by seed (last {last} steps; held-out; in brackets, seeds above / below 0):",
+                  "", _table(["arm", "seeds", *PAIRED_KEYS], rows)]
     table = "\n".join(parts)
     (root / "summary.md").write_text(table + "\n")
     return table
+
+
+def paired_differences(summary: dict) -> dict[str, tuple[list[str], dict[str, list[float]]]]:
+    """Each arm's PAIRED_KEYS minus the `full` run's of the same seed, over the seeds both have. Same seed, same task
+    order and first rollouts: the pairing takes the task draw out of the comparison (common random numbers)."""
+    full = summary.get("full", {})
+    paired = {}
+    for arm, seeds in summary.items():
+        shared = [seed for seed in seeds if seed in full] if arm != "full" else []
+        if shared:
+            paired[arm] = (shared, {key: [seeds[s][key] - full[s][key] for s in shared
+                                          if seeds[s].get(key) is not None and full[s].get(key) is not None]
+                                    for key in PAIRED_KEYS})
+    return paired
+
+
+def _signs(values: list[float]) -> str:
+    return f"{sum(v > 0 for v in values)} / {sum(v < 0 for v in values)}"
 
 
 def run_summary(run_dir: Path, last: int, early: int = 10) -> dict:
@@ -256,6 +286,7 @@ def run_summary(run_dir: Path, last: int, early: int = 10) -> dict:
     values = {key: mean_of(key, metrics[-last:]) for key in ABLATION_KEYS}
     values[f"acc/mean first {early}"] = mean_of("acc/mean", metrics[:early])
     values[f"adv/neg_correct_frac first {early}"] = mean_of("adv/neg_correct_frac", metrics[:early])
+    values |= {f"{key} run mean": mean_of(key, metrics) for key in PRESSURE_KEYS}
     accs = [m["acc/mean"] for m in metrics if m.get("acc/mean") is not None]
     values["acc/mean step std"] = statistics.pstdev(accs) if len(accs) > 1 else None
     results = run_dir / "eval" / "results.json"

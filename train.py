@@ -307,6 +307,7 @@ class TrajSummary:
     sample_index: int
     rank: int
     local_index: int
+    tool_bonus: float = 0.0   # the reward's tool part (reward.RewardParts), for `tool_reward_gaps`
 
 
 class PromptStream:
@@ -690,6 +691,25 @@ class MetricsLog:
             self.wandb.log(metrics, step=step)
 
 
+def tool_reward_gaps(batch: Sequence[TrajSummary]) -> list[tuple[float, float]]:
+    """RL's pressure on tool use, one entry per group holding both trajectories that called the tool and ones that
+    answered without: (their mean reward minus the others', the part of that difference the tool bonus makes).
+    Within a group the advantages are the rewards less one baseline, so a positive gap pushes tool use up and a
+    negative one down; interaction collapse is RL under a negative gap (docs/method.md §4.2, §10.1). Groups with an
+    unknown (masked) reward are left out."""
+    groups: dict[int, list[TrajSummary]] = {}
+    for summary in batch:
+        groups.setdefault(summary.group_id, []).append(summary)
+    gaps = []
+    for members in groups.values():
+        tool = [s for s in members if s.num_tool_calls > 0]
+        direct = [s for s in members if s.num_tool_calls == 0]
+        if tool and direct and all(math.isfinite(s.reward) for s in members):
+            gaps.append((float(np.mean([s.reward for s in tool]) - np.mean([s.reward for s in direct])),
+                         float(np.mean([s.tool_bonus for s in tool]) - np.mean([s.tool_bonus for s in direct]))))
+    return gaps
+
+
 def rollout_metrics(trajs: Sequence[TrajSummary | Trajectory], local: Sequence[Trajectory],
                     processor: models.VLProcessor) -> dict:
     """Batch statistics over every drawn trajectory (all ranks) plus length statistics of this rank's."""
@@ -816,6 +836,7 @@ class GroupSampler:
         self.cfg, self.d, self.run, self.sandboxes = cfg, d, run, sandboxes
         self.local: list[Trajectory] = []        # this rank's trajectories, all draws
         self.summaries: list[TrajSummary] = []   # every rank's, all draws
+        self.gaps: list[tuple[float, float]] = []   # tool_reward_gaps of every draw
         self.seconds = 0.0
 
     def draw(self) -> list[TrajSummary]:
@@ -828,12 +849,13 @@ class GroupSampler:
             t.group_id = mine[t.group_id]
         rollout.score_trajectories(trajs, run.processor, cfg.tool_coef, judge=run.judge)
         local = [TrajSummary(t.group_id, t.reward, t.correct, t.end_reason, t.num_tool_calls, t.num_returned_images,
-                             t.vision_consistent, t.sample_index, d.rank, len(self.local) + k)
+                             t.vision_consistent, t.sample_index, d.rank, len(self.local) + k, t.reward_parts.tool_bonus)
                  for k, t in enumerate(trajs)]
         self.local.extend(trajs)
         # OFR keeps arrival order among equal stds: sort so that N ranks and one rank see the same batch
         batch = sorted((s for part in all_gather_objects(local, d) for s in part), key=lambda s: (s.group_id, s.sample_index))
         self.summaries.extend(batch)
+        self.gaps += tool_reward_gaps(batch)
         self.seconds += time.perf_counter() - t0
         return batch
 
@@ -853,6 +875,9 @@ class GroupSampler:
 def step_metrics(sampler: GroupSampler, result: ofr.OFRResult, upd: UpdateStats, seconds: dict) -> dict:
     metrics = rollout_metrics(sampler.summaries, sampler.local, sampler.run.processor) | result.stats.as_log()
     metrics["adv/neg_correct_frac"] = result.stats.negative_correct_frac_kept   # the paper's Fig. 6 metric
+    gaps = np.array(sampler.gaps, dtype=float).reshape(-1, 2)                  # (mixed groups, 2)
+    metrics["tool/reward_gap"], metrics["tool/reward_gap_bonus"] = gaps.mean(0) if len(gaps) else (math.nan, math.nan)
+    metrics["tool/mixed_groups"] = float(len(gaps))
     metrics |= {"loss/policy": upd.loss, "loss/kl": upd.kl, "loss/entropy": upd.entropy, "loss/clip_frac": upd.clip_frac,
                 "grad/norm": upd.grad_norm, "train/tokens": upd.tokens, "perf/rollout_s": sampler.seconds,
                 "perf/tool_s": sum(turn.tool_s for t in sampler.local for turn in t.turns)}

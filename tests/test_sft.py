@@ -139,3 +139,4 @@ def test_demo_pipeline_end_to_end_at_test_size(tmp_path, tiny_dir, image_tasks_d
     assert seed["acc/mean first 10"] is not None and seed["acc/mean step std"] is not None
     for key in ("tool/calls_mean", "acc/mean", "rollout/turns_mean"):
         assert seed[key] is not None, key
+    assert {"tool/reward_gap run mean", "tool/reward_gap_bonus run mean"} <= set(seed)

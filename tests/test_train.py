@@ -106,6 +106,19 @@ def test_ppo_loss_clipping_and_dual_clip():
     assert torch.allclose(neg, torch.tensor([[1.5, 0.8, 3.0]]))         # floor 0.8; dual clip caps at c = 3
 
 
+def test_tool_reward_gaps_hand_computed():
+    def summary(group, reward, calls, bonus):
+        return train.TrajSummary(group, reward, reward >= 1, "DONE", calls, calls, True, 0, 0, 0, bonus)
+
+    batch = [summary(0, 1.2, 2, 0.2), summary(0, 0.0, 1, 0.0), summary(0, 1.0, 0, 0.0), summary(0, 0.0, 0, 0.0),
+             summary(1, 1.1, 1, 0.1), summary(1, 0.0, 1, 0.0),                       # tool only: no comparison
+             summary(2, 1.0, 0, 0.0), summary(2, float("nan"), 1, 0.0),              # a masked reward: left out
+             summary(3, 0.0, 3, 0.0), summary(3, 1.0, 0, 0.0)]                       # answering without paid
+    gaps = train.tool_reward_gaps(batch)
+    # group 0: tool (1.2 + 0) / 2 - direct (1 + 0) / 2 = 0.1, of which the bonus 0.2 / 2 = 0.1; group 3: -1, bonus 0
+    assert len(gaps) == 2 and gaps[0] == pytest.approx((0.1, 0.1)) and gaps[1] == pytest.approx((-1.0, 0.0))
+
+
 def train_process(out, *extra, ranks=1, steps=1, preset="tiny") -> subprocess.CompletedProcess:
     args = ["train.py", "--preset", preset, "--engine", "scripted", "--max-steps", str(steps), "--output-dir", str(out),
             "--lr", "1e-3", "--save-every", "1", "--html-every", "0", *extra]
@@ -279,7 +292,8 @@ def test_resume_continues_exactly(tmp_path, tiny_dir, image_tasks_dir):
     run_train(tmp_path / "resumed", *common, steps=2)
     resumed = run_train(tmp_path / "resumed", *common, "--resume", steps=3)
     assert [m["step"] for m in resumed] == [1, 2, 3]
-    for key in ("reward/mean", "loss/policy", "grad/norm", "ofr/trajectories_kept", "tool/calls_mean"):
+    for key in ("reward/mean", "loss/policy", "grad/norm", "ofr/trajectories_kept", "tool/calls_mean",
+                "tool/mixed_groups"):
         assert resumed[2][key] == straight[2][key], key
 
 
