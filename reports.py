@@ -204,8 +204,9 @@ def demo_summary(sft_eval: str | Path, rl_eval: str | Path, train_dir: str | Pat
 
 ABLATION_KEYS = ("acc/mean", "tool/calls_mean", "rollout/turns_mean", "adv/neg_correct_frac",
                  "rollout/visual_tokens_mean")
-# averaged over the whole run: RL's push on tool use, whose sign says whether calls should rise or collapse
-PRESSURE_KEYS = ("tool/reward_gap", "tool/reward_gap_bonus")
+# averaged over the whole run: RL's push on tool use (its sign says whether calls should rise or collapse) and the
+# gradient norm (what std normalisation inflates)
+RUN_MEAN_KEYS = ("tool/reward_gap", "tool/reward_gap_bonus", "grad/norm")
 # compared with the `full` arm seed by seed: a run and its `full` twin share the seed's task order and first rollouts
 PAIRED_KEYS = ("tool/calls_mean", "acc/mean", "heldout_accuracy")
 
@@ -213,7 +214,7 @@ PAIRED_KEYS = ("tool/calls_mean", "acc/mean", "heldout_accuracy")
 def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
     """Runs under ROOT named ARM-sSEED: curves.png (mean over seeds, min-max shaded), summary.json (per arm and seed: the
     last `last` steps' means of ABLATION_KEYS, the first `early` steps' means of accuracy and of the share of correct
-    samples with a negative advantage, the whole run's means of PRESSURE_KEYS, the step-to-step std of accuracy and,
+    samples with a negative advantage, the whole run's means of RUN_MEAN_KEYS, the step-to-step std of accuracy and,
     where ARM-sSEED/eval/results.json exists, the final checkpoint's held-out accuracy and tool calls, overall and per
     synthetic family) and summary.md (each as mean ± half the spread over seeds, then each arm minus `full` seed by
     seed)."""
@@ -232,7 +233,7 @@ def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
         return f"{statistics.fmean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}" if values else "–"
 
     keys = [*ABLATION_KEYS, f"acc/mean first {early}", f"adv/neg_correct_frac first {early}",
-            *(f"{k} run mean" for k in PRESSURE_KEYS), "acc/mean step std", "heldout_accuracy", "heldout_tool_calls"]
+            *(f"{k} run mean" for k in RUN_MEAN_KEYS), "acc/mean step std", "heldout_accuracy", "heldout_tool_calls"]
     rows = [[arm, str(len(seeds)), *(spread([v[key] for v in seeds.values() if v.get(key) is not None]) for key in keys)]
             for arm, seeds in summary.items()]
     parts = [_table(["arm", "seeds", *(f"{k} (last {last})" if k in ABLATION_KEYS else k for k in keys)], rows)]
@@ -286,7 +287,7 @@ def run_summary(run_dir: Path, last: int, early: int = 10) -> dict:
     values = {key: mean_of(key, metrics[-last:]) for key in ABLATION_KEYS}
     values[f"acc/mean first {early}"] = mean_of("acc/mean", metrics[:early])
     values[f"adv/neg_correct_frac first {early}"] = mean_of("adv/neg_correct_frac", metrics[:early])
-    values |= {f"{key} run mean": mean_of(key, metrics) for key in PRESSURE_KEYS}
+    values |= {f"{key} run mean": mean_of(key, metrics) for key in RUN_MEAN_KEYS}
     accs = [m["acc/mean"] for m in metrics if m.get("acc/mean") is not None]
     values["acc/mean step std"] = statistics.pstdev(accs) if len(accs) > 1 else None
     results = run_dir / "eval" / "results.json"
