@@ -89,7 +89,7 @@ class Trajectory(Protocol):
 
 
 # ---------------------------------------------------------------- group statistics (docs/method.md §5)
-def _group_members(group_ids: Sequence[Hashable]) -> dict[Hashable, list[int]]:
+def group_members(group_ids: Sequence[Hashable]) -> dict[Hashable, list[int]]:
     """Group id → member positions, groups in order of first appearance."""
     members: dict[Hashable, list[int]] = {}
     for position, group_id in enumerate(group_ids):
@@ -124,7 +124,7 @@ def group_advantages(rewards, group_ids: Sequence[Hashable], std_norm: bool = Fa
     """
     rewards = _as_rewards(rewards, group_ids)                        # (N,)
     advantages = np.empty_like(rewards)                              # (N,)
-    for members in _group_members(group_ids).values():
+    for members in group_members(group_ids).values():
         mean, std = _mean_std(rewards[members])
         advantages[members] = (rewards[members] - mean) / (std + eps) if std_norm else rewards[members] - mean
     return advantages
@@ -134,7 +134,7 @@ def group_stds(rewards, group_ids: Sequence[Hashable]) -> np.ndarray:
     """Each trajectory's group reward std (unbiased; 1.0 for a group of one), the ranking key of §6."""
     rewards = _as_rewards(rewards, group_ids)                        # (N,)
     stds = np.empty_like(rewards)                                    # (N,)
-    for members in _group_members(group_ids).values():
+    for members in group_members(group_ids).values():
         stds[members] = _mean_std(rewards[members])[1]
     return stds
 
@@ -242,7 +242,7 @@ def screen(batch: Sequence[Trajectory], draw: int, config: OFRConfig) -> Screene
     """Filter one generation batch: zero-variance and masked groups out, then broken trajectories (step 2.5)."""
     if not batch:
         raise ValueError(f"draw {draw}: an empty generation batch")
-    members = _group_members([trajectory.group_id for trajectory in batch])
+    members = group_members([trajectory.group_id for trajectory in batch])
     for group_id, positions in members.items():
         if len(positions) != config.group_size:
             raise ValueError(f"draw {draw}: group {group_id!r} has {len(positions)} trajectories, "

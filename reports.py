@@ -263,8 +263,8 @@ def paired_differences(summary: dict) -> dict[str, tuple[list[str], dict[str, li
     full = summary.get("full", {})
     paired = {}
     for arm, seeds in summary.items():
-        shared = [seed for seed in seeds if seed in full] if arm != "full" else []
-        if shared:
+        shared = [seed for seed in seeds if seed in full]
+        if arm != "full" and shared:
             paired[arm] = (shared, {key: [seeds[s][key] - full[s][key] for s in shared
                                           if seeds[s].get(key) is not None and full[s].get(key) is not None]
                                     for key in PAIRED_KEYS})

@@ -307,7 +307,7 @@ class TrajSummary:
     sample_index: int
     rank: int
     local_index: int
-    tool_bonus: float = 0.0   # the reward's tool part (reward.RewardParts), for `tool_reward_gaps`
+    tool_bonus: float         # the reward's tool part (reward.RewardParts), for `tool_reward_gaps`
 
 
 class PromptStream:
@@ -697,11 +697,9 @@ def tool_reward_gaps(batch: Sequence[TrajSummary]) -> list[tuple[float, float]]:
     Within a group the advantages are the rewards less one baseline, so a positive gap pushes tool use up and a
     negative one down; interaction collapse is RL under a negative gap (docs/method.md §4.2, §10.1). Groups with an
     unknown (masked) reward are left out."""
-    groups: dict[int, list[TrajSummary]] = {}
-    for summary in batch:
-        groups.setdefault(summary.group_id, []).append(summary)
     gaps = []
-    for members in groups.values():
+    for positions in ofr.group_members([s.group_id for s in batch]).values():
+        members = [batch[p] for p in positions]
         tool = [s for s in members if s.num_tool_calls > 0]
         direct = [s for s in members if s.num_tool_calls == 0]
         if tool and direct and all(math.isfinite(s.reward) for s in members):
