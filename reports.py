@@ -209,6 +209,8 @@ ABLATION_KEYS = ("acc/mean", "tool/calls_mean", "rollout/turns_mean", "adv/neg_c
 RUN_MEAN_KEYS = ("tool/reward_gap", "tool/reward_gap_bonus", "grad/norm")
 # compared with the `full` arm seed by seed: a run and its `full` twin share the seed's task order and first rollouts
 PAIRED_KEYS = ("tool/calls_mean", "acc/mean", "heldout_accuracy")
+# logged per task source (train.rollout_metrics)
+SOURCE_KEYS = ("tool/calls_mean", "acc/mean")
 
 
 def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
@@ -224,9 +226,11 @@ def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
         runs[run_dir.name.rsplit("-s", 1)[0]].append(run_dir)
     if not runs:
         raise FileNotFoundError(f"no run with a metrics.jsonl under {root}")
-    plot_training_curves(runs, root / "curves.png", ABLATION_KEYS)
     summary = {arm: {run_dir.name.rsplit("-s", 1)[1]: run_summary(run_dir, last, early) for run_dir in run_dirs}
                for arm, run_dirs in runs.items()}
+    sources = sorted({s for seeds in summary.values() for v in seeds.values() for s in v["train_per_source"]})
+    per_source = [f"tool/calls_mean/{s}" for s in sources] if len(sources) > 1 else []
+    plot_training_curves(runs, root / "curves.png", [*ABLATION_KEYS, *per_source])
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
 
     def spread(values: list[float]) -> str:
@@ -237,6 +241,13 @@ def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
     rows = [[arm, str(len(seeds)), *(spread([v[key] for v in seeds.values() if v.get(key) is not None]) for key in keys)]
             for arm, seeds in summary.items()]
     parts = [_table(["arm", "seeds", *(f"{k} (last {last})" if k in ABLATION_KEYS else k for k in keys)], rows)]
+    if len(sources) > 1:   # a mixture's mean can hide tool use falling on one kind of task while it rises on another
+        rows = [[arm, *(spread([v["train_per_source"][s][k] for v in seeds.values()
+                                if v["train_per_source"].get(s, {}).get(k) is not None])
+                        for s in sources for k in SOURCE_KEYS)]
+                for arm, seeds in summary.items()]
+        parts += ["", f"Training, last {last} steps, per task source (tool calls, accuracy):", "",
+                  _table(["arm", *(f"{s} {k.split('/')[0]}" for s in sources for k in SOURCE_KEYS)], rows)]
     families = sorted({f for seeds in summary.values() for v in seeds.values() for f in v.get("heldout_per_family", {})})
     if families:   # held-out accuracy and tool calls per synthetic family: where a multi-call family separates arms
         rows = [[arm, *(spread([v["heldout_per_family"][f][m] for v in seeds.values()
@@ -245,21 +256,23 @@ def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
                 for arm, seeds in summary.items()]
         parts += ["", "Held-out, per family (accuracy, tool calls):", "",
                   _table(["arm", *(f"{f} {m}" for f in families for m in ("acc", "calls"))], rows)]
-    paired = paired_differences(summary)
+    paired_keys = [*PAIRED_KEYS, *per_source]
+    paired = paired_differences(summary, paired_keys)
     if paired:
         rows = [[arm, ", ".join(sorted(seeds)), *(spread(diffs[key]) + f" ({_signs(diffs[key])})" if diffs[key] else "–"
-                                                  for key in PAIRED_KEYS)]
+                                                  for key in paired_keys)]
                 for arm, (seeds, diffs) in paired.items()]
         parts += ["", f"Minus `full`, seed by seed (last {last} steps; held-out; in brackets, seeds above / below 0):",
-                  "", _table(["arm", "seeds", *PAIRED_KEYS], rows)]
+                  "", _table(["arm", "seeds", *paired_keys], rows)]
     table = "\n".join(parts)
     (root / "summary.md").write_text(table + "\n")
     return table
 
 
-def paired_differences(summary: dict) -> dict[str, tuple[list[str], dict[str, list[float]]]]:
-    """Each arm's PAIRED_KEYS minus the `full` run's of the same seed, over the seeds both have. Same seed, same task
-    order and first rollouts: the pairing takes the task draw out of the comparison (common random numbers)."""
+def paired_differences(summary: dict, keys: Sequence[str] = PAIRED_KEYS
+                       ) -> dict[str, tuple[list[str], dict[str, list[float]]]]:
+    """Each arm's `keys` minus the `full` run's of the same seed, over the seeds both have. Same seed, same task order
+    and first rollouts: the pairing takes the task draw out of the comparison (common random numbers)."""
     full = summary.get("full", {})
     paired = {}
     for arm, seeds in summary.items():
@@ -267,7 +280,7 @@ def paired_differences(summary: dict) -> dict[str, tuple[list[str], dict[str, li
         if arm != "full" and shared:
             paired[arm] = (shared, {key: [seeds[s][key] - full[s][key] for s in shared
                                           if seeds[s].get(key) is not None and full[s].get(key) is not None]
-                                    for key in PAIRED_KEYS})
+                                    for key in keys})
     return paired
 
 
@@ -288,6 +301,10 @@ def run_summary(run_dir: Path, last: int, early: int = 10) -> dict:
     values[f"acc/mean first {early}"] = mean_of("acc/mean", metrics[:early])
     values[f"adv/neg_correct_frac first {early}"] = mean_of("adv/neg_correct_frac", metrics[:early])
     values |= {f"{key} run mean": mean_of(key, metrics) for key in RUN_MEAN_KEYS}
+    # per task source (train.py's tool/calls_mean/SOURCE and acc/mean/SOURCE; a step without the source has none)
+    sources = sorted({key.split("/", 2)[2] for m in metrics for key in m if key.startswith("tool/calls_mean/")})
+    values["train_per_source"] = {s: {k: mean_of(f"{k}/{s}", metrics[-last:]) for k in SOURCE_KEYS} for s in sources}
+    values |= {f"tool/calls_mean/{s}": values["train_per_source"][s]["tool/calls_mean"] for s in sources}
     accs = [m["acc/mean"] for m in metrics if m.get("acc/mean") is not None]
     values["acc/mean step std"] = statistics.pstdev(accs) if len(accs) > 1 else None
     results = run_dir / "eval" / "results.json"

@@ -308,6 +308,7 @@ class TrajSummary:
     rank: int
     local_index: int
     tool_bonus: float         # the reward's tool part (reward.RewardParts), for `tool_reward_gaps`
+    source: str               # the task's synthetic family, else its data_source: tool use and accuracy are logged per source
 
 
 class PromptStream:
@@ -708,9 +709,28 @@ def tool_reward_gaps(batch: Sequence[TrajSummary]) -> list[tuple[float, float]]:
     return gaps
 
 
-def rollout_metrics(trajs: Sequence[TrajSummary | Trajectory], local: Sequence[Trajectory],
-                    processor: models.VLProcessor) -> dict:
-    """Batch statistics over every drawn trajectory (all ranks) plus length statistics of this rank's."""
+def tool_push(trajs: Sequence[TrajSummary], advantages: Sequence[float]) -> list[float]:
+    """Each trajectory's advantage if it called the tool, else 0 (nan if unknown). Advantages sum to 0 within a
+    group, so the mean of these over a batch is the update's first-order push on calling the tool at all: > 0 raises
+    it, < 0 lowers it. Over the drawn groups (advantage = reward less the group mean) it says what the rewards ask for;
+    over the kept ones, what the update does after OFR's std ranking chose which groups to train on."""
+    return [float(a) * (t.num_tool_calls > 0) for t, a in zip(trajs, advantages)]
+
+
+def drawn_advantages(batch: Sequence[TrajSummary]) -> list[float]:
+    """Reward less its group's mean reward (nan for a group with a masked reward), in batch order."""
+    advantages = [math.nan] * len(batch)
+    for positions in ofr.group_members([s.group_id for s in batch]).values():
+        mean = float(np.mean([batch[p].reward for p in positions]))
+        for p in positions:
+            advantages[p] = batch[p].reward - mean
+    return advantages
+
+
+def rollout_metrics(trajs: Sequence[TrajSummary], local: Sequence[Trajectory], processor: models.VLProcessor) -> dict:
+    """Batch statistics over every drawn trajectory (all ranks) plus length statistics of this rank's. Tool calls and
+    accuracy also per task source (family, data source): a mixture's mean can hide tool use falling on the tasks that
+    can be answered without it while it rises on the others."""
     calls = np.array([t.num_tool_calls for t in trajs], dtype=float)
     rewards = np.array([t.reward for t in trajs], dtype=float)
     ends = [t.end_reason for t in trajs]
@@ -718,6 +738,10 @@ def rollout_metrics(trajs: Sequence[TrajSummary | Trajectory], local: Sequence[T
            "tool/calls_mean": float(calls.mean()), "tool/calls_max": float(calls.max()),
            "tool/zero_ratio": float((calls == 0).mean())}
     out |= {f"end/{r}": ends.count(r) / len(ends) for r in sorted(set(ends))}
+    for source in sorted({t.source for t in trajs}):
+        mine = [t for t in trajs if t.source == source]
+        out[f"tool/calls_mean/{source}"] = float(np.mean([t.num_tool_calls for t in mine]))
+        out[f"acc/mean/{source}"] = float(np.mean([t.correct for t in mine]))
     if local:
         parts = [t.reward_parts for t in local if t.reward_parts is not None]
         out |= reward.reward_stats(parts)
@@ -835,6 +859,7 @@ class GroupSampler:
         self.local: list[Trajectory] = []        # this rank's trajectories, all draws
         self.summaries: list[TrajSummary] = []   # every rank's, all draws
         self.gaps: list[tuple[float, float]] = []   # tool_reward_gaps of every draw
+        self.push: list[float] = []                 # tool_push of every draw's groups with a known reward
         self.seconds = 0.0
 
     def draw(self) -> list[TrajSummary]:
@@ -847,13 +872,15 @@ class GroupSampler:
             t.group_id = mine[t.group_id]
         rollout.score_trajectories(trajs, run.processor, cfg.tool_coef, judge=run.judge)
         local = [TrajSummary(t.group_id, t.reward, t.correct, t.end_reason, t.num_tool_calls, t.num_returned_images,
-                             t.vision_consistent, t.sample_index, d.rank, len(self.local) + k, t.reward_parts.tool_bonus)
+                             t.vision_consistent, t.sample_index, d.rank, len(self.local) + k, t.reward_parts.tool_bonus,
+                             t.task.family or t.task.data_source)
                  for k, t in enumerate(trajs)]
         self.local.extend(trajs)
         # OFR keeps arrival order among equal stds: sort so that N ranks and one rank see the same batch
         batch = sorted((s for part in all_gather_objects(local, d) for s in part), key=lambda s: (s.group_id, s.sample_index))
         self.summaries.extend(batch)
         self.gaps += tool_reward_gaps(batch)
+        self.push += [p for p in tool_push(batch, drawn_advantages(batch)) if math.isfinite(p)]
         self.seconds += time.perf_counter() - t0
         return batch
 
@@ -876,6 +903,9 @@ def step_metrics(sampler: GroupSampler, result: ofr.OFRResult, upd: UpdateStats,
     gaps = np.array(sampler.gaps, dtype=float).reshape(-1, 2)                  # (mixed groups, 2)
     metrics["tool/reward_gap"], metrics["tool/reward_gap_bonus"] = gaps.mean(0) if len(gaps) else (math.nan, math.nan)
     metrics["tool/mixed_groups"] = float(len(gaps))
+    metrics["tool/push_drawn"] = float(np.mean(sampler.push)) if sampler.push else math.nan
+    kept_push = tool_push(result.trajectories, result.advantages)
+    metrics["tool/push_kept"] = float(np.mean(kept_push)) if kept_push else math.nan
     metrics |= {"loss/policy": upd.loss, "loss/kl": upd.kl, "loss/entropy": upd.entropy, "loss/clip_frac": upd.clip_frac,
                 "grad/norm": upd.grad_norm, "train/tokens": upd.tokens, "perf/rollout_s": sampler.seconds,
                 "perf/tool_s": sum(turn.tool_s for t in sampler.local for turn in t.turns)}

@@ -116,6 +116,8 @@ def test_paired_differences_take_each_seed_against_its_full_twin():
     assert seeds == ["1", "2"]
     assert diffs["tool/calls_mean"] == pytest.approx([-0.25, -0.5]) and diffs["acc/mean"] == pytest.approx([0.0, 0.1])
     assert diffs["heldout_accuracy"] == pytest.approx([0.1])   # seed 2's full run was not evaluated
+    _, only_calls = reports.paired_differences(summary, ["tool/calls_mean"])["tool_coef_0"]
+    assert list(only_calls) == ["tool/calls_mean"]
 
 
 def test_resume_runs_only_the_missing_samples(tmp_path, image_tasks, processor):

@@ -140,3 +140,6 @@ def test_demo_pipeline_end_to_end_at_test_size(tmp_path, tiny_dir, image_tasks_d
     for key in ("tool/calls_mean", "acc/mean", "rollout/turns_mean"):
         assert seed[key] is not None, key
     assert {"tool/reward_gap run mean", "tool/reward_gap_bonus run mean"} <= set(seed)
+    # the tasks mix families: training tool calls and accuracy per family, in the table and in the paired differences
+    assert len(seed["train_per_source"]) > 1 and set(seed["train_per_source"]) <= families
+    assert "per task source" in table and all(f"tool/calls_mean/{f}" in seed for f in seed["train_per_source"])

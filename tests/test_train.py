@@ -1,6 +1,7 @@
 """train.py: the update lowers the loss on a fixed batch and touches only action tokens; 2-rank torchrun (gloo) gives the
 same update as one rank; a run resumed from a checkpoint continues exactly like an uninterrupted one."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -106,10 +107,11 @@ def test_ppo_loss_clipping_and_dual_clip():
     assert torch.allclose(neg, torch.tensor([[1.5, 0.8, 3.0]]))         # floor 0.8; dual clip caps at c = 3
 
 
-def test_tool_reward_gaps_hand_computed():
-    def summary(group, reward, calls, bonus):
-        return train.TrajSummary(group, reward, reward >= 1, "DONE", calls, calls, True, 0, 0, 0, bonus)
+def summary(group, reward, calls, bonus, source="synthetic_image"):
+    return train.TrajSummary(group, reward, reward >= 1, "DONE", calls, calls, True, 0, 0, 0, bonus, source)
 
+
+def test_tool_reward_gaps_hand_computed():
     batch = [summary(0, 1.2, 2, 0.2), summary(0, 0.0, 1, 0.0), summary(0, 1.0, 0, 0.0), summary(0, 0.0, 0, 0.0),
              summary(1, 1.1, 1, 0.1), summary(1, 0.0, 1, 0.0),                       # tool only: no comparison
              summary(2, 1.0, 0, 0.0), summary(2, float("nan"), 1, 0.0),              # a masked reward: left out
@@ -117,6 +119,27 @@ def test_tool_reward_gaps_hand_computed():
     gaps = train.tool_reward_gaps(batch)
     # group 0: tool (1.2 + 0) / 2 - direct (1 + 0) / 2 = 0.1, of which the bonus 0.2 / 2 = 0.1; group 3: -1, bonus 0
     assert len(gaps) == 2 and gaps[0] == pytest.approx((0.1, 0.1)) and gaps[1] == pytest.approx((-1.0, 0.0))
+
+
+def test_tool_push_drawn_and_kept_hand_computed():
+    batch = [summary(0, 1.1, 1, 0.1), summary(0, 0.0, 1, 0.0), summary(0, 1.0, 0, 0.0), summary(0, 0.0, 0, 0.0),
+             summary(1, 1.0, 0, 0.0), summary(1, float("nan"), 2, 0.0)]
+    advantages = train.drawn_advantages(batch)
+    assert advantages[:4] == pytest.approx([0.575, -0.525, 0.475, -0.525]) and all(map(math.isnan, advantages[4:]))
+    # group 0's tool users: 0.575 - 0.525 = 0.05 over 4 trajectories; the masked group is dropped by the caller
+    push = [p for p in train.tool_push(batch, advantages) if math.isfinite(p)]
+    assert len(push) == 4 and sum(push) / len(push) == pytest.approx(0.05 / 4)
+    # after OFR: a kept group where the tool users lost pushes calls down
+    assert train.tool_push(batch[:2], [-0.5, 0.5]) == [-0.5, 0.5]
+
+
+def test_rollout_metrics_per_source():
+    batch = [summary(0, 1.1, 1, 0.1, "ring"), summary(0, 0.0, 3, 0.0, "ring"), summary(1, 1.0, 0, 0.0, "big")]
+    stats = train.rollout_metrics(batch, [], processor=None)
+    assert stats["tool/calls_mean"] == pytest.approx(4 / 3)
+    assert stats["tool/calls_mean/ring"] == 2.0 and stats["acc/mean/ring"] == 0.5
+    assert stats["tool/calls_mean/big"] == 0.0 and stats["acc/mean/big"] == 1.0
+    assert train.rollout_metrics(batch[2:], [], processor=None)["tool/calls_mean/big"] == 0.0
 
 
 def train_process(out, *extra, ranks=1, steps=1, preset="tiny") -> subprocess.CompletedProcess:
