@@ -437,7 +437,8 @@ def read_zoomed_colour(figure: Image.Image) -> str | None:
 IMAGE_FAMILIES = {"pixel_color": _pixel_color, "count_dots": _count_dots, "checker_patch": _checker_patch,
                   "locate_dot": _locate_dot, "big_shape_color": _big_shape_color, "count_big_squares": _count_big_squares,
                   "ring_colour": _ring_colour}
-# the demo's mixture: the single-call families (ring_colour joins the ablations' mixture, Makefile ABL_FAMILIES)
+# the demo's mixture: the single-call families (ring_colour joins the ablations' mixtures, Makefile ABL_FAMILIES and
+# ABL_RL_FAMILIES)
 DEFAULT_IMAGE_FAMILIES = ("pixel_color", "count_dots", "checker_patch", "locate_dot", "big_shape_color",
                           "count_big_squares")
 

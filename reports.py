@@ -206,11 +206,12 @@ ABLATION_KEYS = ("acc/mean", "tool/calls_mean", "rollout/turns_mean", "adv/neg_c
                  "rollout/visual_tokens_mean")
 # averaged over the whole run: RL's push on tool use (its sign says whether calls should rise or collapse) and the
 # gradient norm (what std normalisation inflates)
-RUN_MEAN_KEYS = ("tool/reward_gap", "tool/reward_gap_bonus", "grad/norm")
+RUN_MEAN_KEYS = ("tool/reward_gap", "tool/reward_gap_bonus", "tool/push_drawn", "tool/push_kept", "grad/norm")
 # compared with the `full` arm seed by seed: a run and its `full` twin share the seed's task order and first rollouts
 PAIRED_KEYS = ("tool/calls_mean", "acc/mean", "heldout_accuracy")
-# logged per task source (train.rollout_metrics)
+# logged per task source (train.rollout_metrics, train.tool_push): last steps' means, whole run's means
 SOURCE_KEYS = ("tool/calls_mean", "acc/mean")
+SOURCE_RUN_MEAN_KEYS = ("tool/push_drawn", "tool/push_kept")
 
 
 def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
@@ -242,12 +243,13 @@ def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
             for arm, seeds in summary.items()]
     parts = [_table(["arm", "seeds", *(f"{k} (last {last})" if k in ABLATION_KEYS else k for k in keys)], rows)]
     if len(sources) > 1:   # a mixture's mean can hide tool use falling on one kind of task while it rises on another
+        source_keys = [*SOURCE_KEYS, *(f"{k} run mean" for k in SOURCE_RUN_MEAN_KEYS)]
         rows = [[arm, *(spread([v["train_per_source"][s][k] for v in seeds.values()
                                 if v["train_per_source"].get(s, {}).get(k) is not None])
-                        for s in sources for k in SOURCE_KEYS)]
+                        for s in sources for k in source_keys)]
                 for arm, seeds in summary.items()]
-        parts += ["", f"Training, last {last} steps, per task source (tool calls, accuracy):", "",
-                  _table(["arm", *(f"{s} {k.split('/')[0]}" for s in sources for k in SOURCE_KEYS)], rows)]
+        parts += ["", f"Training per task source (tool calls and accuracy, last {last} steps; push on tool use, "
+                  "whole run):", "", _table(["arm", *(f"{s} {k}" for s in sources for k in source_keys)], rows)]
     families = sorted({f for seeds in summary.values() for v in seeds.values() for f in v.get("heldout_per_family", {})})
     if families:   # held-out accuracy and tool calls per synthetic family: where a multi-call family separates arms
         rows = [[arm, *(spread([v["heldout_per_family"][f][m] for v in seeds.values()
@@ -303,7 +305,9 @@ def run_summary(run_dir: Path, last: int, early: int = 10) -> dict:
     values |= {f"{key} run mean": mean_of(key, metrics) for key in RUN_MEAN_KEYS}
     # per task source (train.py's tool/calls_mean/SOURCE and acc/mean/SOURCE; a step without the source has none)
     sources = sorted({key.split("/", 2)[2] for m in metrics for key in m if key.startswith("tool/calls_mean/")})
-    values["train_per_source"] = {s: {k: mean_of(f"{k}/{s}", metrics[-last:]) for k in SOURCE_KEYS} for s in sources}
+    values["train_per_source"] = {s: {k: mean_of(f"{k}/{s}", metrics[-last:]) for k in SOURCE_KEYS}
+                                  | {f"{k} run mean": mean_of(f"{k}/{s}", metrics) for k in SOURCE_RUN_MEAN_KEYS}
+                                  for s in sources}
     values |= {f"tool/calls_mean/{s}": values["train_per_source"][s]["tool/calls_mean"] for s in sources}
     accs = [m["acc/mean"] for m in metrics if m.get("acc/mean") is not None]
     values["acc/mean step std"] = statistics.pstdev(accs) if len(accs) > 1 else None

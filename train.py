@@ -709,12 +709,17 @@ def tool_reward_gaps(batch: Sequence[TrajSummary]) -> list[tuple[float, float]]:
     return gaps
 
 
-def tool_push(trajs: Sequence[TrajSummary], advantages: Sequence[float]) -> list[float]:
-    """Each trajectory's advantage if it called the tool, else 0 (nan if unknown). Advantages sum to 0 within a
-    group, so the mean of these over a batch is the update's first-order push on calling the tool at all: > 0 raises
-    it, < 0 lowers it. Over the drawn groups (advantage = reward less the group mean) it says what the rewards ask for;
-    over the kept ones, what the update does after OFR's std ranking chose which groups to train on."""
-    return [float(a) * (t.num_tool_calls > 0) for t, a in zip(trajs, advantages)]
+def tool_push(name: str, trajs: Sequence[TrajSummary], advantages: Sequence[float]) -> dict:
+    """`tool/push_NAME`: the mean over trajectories of the advantage of those that called the tool (0 for the others;
+    unknown advantages left out), also per task source. Advantages sum to 0 within a group, so this is the update's
+    first-order push on calling the tool at all: > 0 raises it, < 0 lowers it. Over the drawn groups (advantage =
+    reward less the group mean) it says what the rewards ask for; over the kept ones, what the update does after OFR's
+    std ranking chose which groups to train on."""
+    terms = [(t.source, float(a) * (t.num_tool_calls > 0)) for t, a in zip(trajs, advantages) if math.isfinite(a)]
+    out = {f"tool/push_{name}": float(np.mean([v for _, v in terms])) if terms else math.nan}
+    for source in sorted({source for source, _ in terms}):
+        out[f"tool/push_{name}/{source}"] = float(np.mean([v for s, v in terms if s == source]))
+    return out
 
 
 def drawn_advantages(batch: Sequence[TrajSummary]) -> list[float]:
@@ -859,7 +864,7 @@ class GroupSampler:
         self.local: list[Trajectory] = []        # this rank's trajectories, all draws
         self.summaries: list[TrajSummary] = []   # every rank's, all draws
         self.gaps: list[tuple[float, float]] = []   # tool_reward_gaps of every draw
-        self.push: list[float] = []                 # tool_push of every draw's groups with a known reward
+        self.advantages: list[float] = []           # every draw's rewards less their group's mean, as summaries
         self.seconds = 0.0
 
     def draw(self) -> list[TrajSummary]:
@@ -880,7 +885,7 @@ class GroupSampler:
         batch = sorted((s for part in all_gather_objects(local, d) for s in part), key=lambda s: (s.group_id, s.sample_index))
         self.summaries.extend(batch)
         self.gaps += tool_reward_gaps(batch)
-        self.push += [p for p in tool_push(batch, drawn_advantages(batch)) if math.isfinite(p)]
+        self.advantages += drawn_advantages(batch)
         self.seconds += time.perf_counter() - t0
         return batch
 
@@ -903,9 +908,8 @@ def step_metrics(sampler: GroupSampler, result: ofr.OFRResult, upd: UpdateStats,
     gaps = np.array(sampler.gaps, dtype=float).reshape(-1, 2)                  # (mixed groups, 2)
     metrics["tool/reward_gap"], metrics["tool/reward_gap_bonus"] = gaps.mean(0) if len(gaps) else (math.nan, math.nan)
     metrics["tool/mixed_groups"] = float(len(gaps))
-    metrics["tool/push_drawn"] = float(np.mean(sampler.push)) if sampler.push else math.nan
-    kept_push = tool_push(result.trajectories, result.advantages)
-    metrics["tool/push_kept"] = float(np.mean(kept_push)) if kept_push else math.nan
+    metrics |= tool_push("drawn", sampler.summaries, sampler.advantages)
+    metrics |= tool_push("kept", result.trajectories, result.advantages)
     metrics |= {"loss/policy": upd.loss, "loss/kl": upd.kl, "loss/entropy": upd.entropy, "loss/clip_frac": upd.clip_frac,
                 "grad/norm": upd.grad_norm, "train/tokens": upd.tokens, "perf/rollout_s": sampler.seconds,
                 "perf/tool_s": sum(turn.tool_s for t in sampler.local for turn in t.turns)}

@@ -142,4 +142,4 @@ def test_demo_pipeline_end_to_end_at_test_size(tmp_path, tiny_dir, image_tasks_d
     assert {"tool/reward_gap run mean", "tool/reward_gap_bonus run mean"} <= set(seed)
     # the tasks mix families: training tool calls and accuracy per family, in the table and in the paired differences
     assert len(seed["train_per_source"]) > 1 and set(seed["train_per_source"]) <= families
-    assert "per task source" in table and all(f"tool/calls_mean/{f}" in seed for f in seed["train_per_source"])
+    assert "per task source" in table and "tool/push_kept run mean" in seed and all(f"tool/calls_mean/{f}" in seed for f in seed["train_per_source"])

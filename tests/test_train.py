@@ -122,15 +122,16 @@ def test_tool_reward_gaps_hand_computed():
 
 
 def test_tool_push_drawn_and_kept_hand_computed():
-    batch = [summary(0, 1.1, 1, 0.1), summary(0, 0.0, 1, 0.0), summary(0, 1.0, 0, 0.0), summary(0, 0.0, 0, 0.0),
-             summary(1, 1.0, 0, 0.0), summary(1, float("nan"), 2, 0.0)]
+    batch = [summary(0, 1.1, 1, 0.1, "ring"), summary(0, 0.0, 1, 0.0, "ring"), summary(0, 1.0, 0, 0.0, "ring"),
+             summary(0, 0.0, 0, 0.0, "ring"), summary(1, 1.0, 0, 0.0, "big"), summary(1, float("nan"), 2, 0.0, "big"),
+             summary(2, 1.0, 0, 0.0, "big"), summary(2, 0.0, 1, 0.0, "big")]
     advantages = train.drawn_advantages(batch)
-    assert advantages[:4] == pytest.approx([0.575, -0.525, 0.475, -0.525]) and all(map(math.isnan, advantages[4:]))
-    # group 0's tool users: 0.575 - 0.525 = 0.05 over 4 trajectories; the masked group is dropped by the caller
-    push = [p for p in train.tool_push(batch, advantages) if math.isfinite(p)]
-    assert len(push) == 4 and sum(push) / len(push) == pytest.approx(0.05 / 4)
-    # after OFR: a kept group where the tool users lost pushes calls down
-    assert train.tool_push(batch[:2], [-0.5, 0.5]) == [-0.5, 0.5]
+    assert advantages[:4] == pytest.approx([0.575, -0.525, 0.475, -0.525]) and all(map(math.isnan, advantages[4:6]))
+    push = train.tool_push("drawn", batch, advantages)
+    # ring: the tool users' 0.575 - 0.525 over 4; big (the masked group left out): -0.5 over 2
+    assert push["tool/push_drawn/ring"] == pytest.approx(0.05 / 4) and push["tool/push_drawn/big"] == -0.25
+    assert push["tool/push_drawn"] == pytest.approx((0.05 - 0.5) / 6)
+    assert train.tool_push("kept", [], []) == {"tool/push_kept": pytest.approx(math.nan, nan_ok=True)}
 
 
 def test_rollout_metrics_per_source():
