@@ -210,7 +210,7 @@ RUN_MEAN_KEYS = ("tool/reward_gap", "tool/reward_gap_bonus", "tool/push_drawn", 
 # compared with the `full` arm seed by seed: a run and its `full` twin share the seed's task order and first rollouts
 PAIRED_KEYS = ("tool/calls_mean", "acc/mean", "heldout_accuracy")
 # logged per task source (train.rollout_metrics, train.tool_push): last steps' means, whole run's means
-SOURCE_KEYS = ("tool/calls_mean", "acc/mean")
+SOURCE_KEYS = ("tool/calls_mean", "tool/direct_frac", "acc/mean")
 SOURCE_RUN_MEAN_KEYS = ("tool/push_drawn", "tool/push_kept")
 
 

@@ -282,6 +282,12 @@ class Trajectory:
     def final_action(self) -> str:
         return self.turns[-1].action if self.turns else ""
 
+    @property
+    def answered_directly(self) -> bool:
+        """The first action was the final answer: no tool call tried. A call whose code failed, or that never became
+        well-formed code, ran no tool (`num_tool_calls` stays 0) but was an attempt: it is not a direct answer."""
+        return len(self.turns) == 1 and self.end_reason == EndReason.DONE
+
     def response_text(self, processor: VLProcessor) -> str:
         return processor.decode(self.response_ids)
 

@@ -308,7 +308,8 @@ class TrajSummary:
     rank: int
     local_index: int
     tool_bonus: float         # the reward's tool part (reward.RewardParts), for `tool_reward_gaps`
-    source: str               # the task's synthetic family, else its data_source: tool use and accuracy are logged per source
+    direct: bool              # Trajectory.answered_directly: no tool call tried
+    source: str               # the task's synthetic family, else its data_source: metrics per source
 
 
 class PromptStream:
@@ -693,16 +694,17 @@ class MetricsLog:
 
 
 def tool_reward_gaps(batch: Sequence[TrajSummary]) -> list[tuple[float, float]]:
-    """RL's pressure on tool use, one entry per group holding both trajectories that called the tool and ones that
-    answered without: (their mean reward minus the others', the part of that difference the tool bonus makes).
+    """RL's pressure on tool use, one entry per group holding both trajectories that tried the tool (a failed call
+    included) and ones that answered at once: (their mean reward minus the others', the part of that difference the tool
+    bonus makes).
     Within a group the advantages are the rewards less one baseline, so a positive gap pushes tool use up and a
     negative one down; interaction collapse is RL under a negative gap (docs/method.md §4.2, §10.1). Groups with an
     unknown (masked) reward are left out."""
     gaps = []
     for positions in ofr.group_members([s.group_id for s in batch]).values():
         members = [batch[p] for p in positions]
-        tool = [s for s in members if s.num_tool_calls > 0]
-        direct = [s for s in members if s.num_tool_calls == 0]
+        tool = [s for s in members if not s.direct]
+        direct = [s for s in members if s.direct]
         if tool and direct and all(math.isfinite(s.reward) for s in members):
             gaps.append((float(np.mean([s.reward for s in tool]) - np.mean([s.reward for s in direct])),
                          float(np.mean([s.tool_bonus for s in tool]) - np.mean([s.tool_bonus for s in direct]))))
@@ -710,12 +712,12 @@ def tool_reward_gaps(batch: Sequence[TrajSummary]) -> list[tuple[float, float]]:
 
 
 def tool_push(name: str, trajs: Sequence[TrajSummary], advantages: Sequence[float]) -> dict:
-    """`tool/push_NAME`: the mean over trajectories of the advantage of those that called the tool (0 for the others;
+    """`tool/push_NAME`: the mean over trajectories of the advantage of those that tried the tool (0 for the others;
     unknown advantages left out), also per task source. Advantages sum to 0 within a group, so this is the update's
     first-order push on calling the tool at all: > 0 raises it, < 0 lowers it. Over the drawn groups (advantage =
     reward less the group mean) it says what the rewards ask for; over the kept ones, what the update does after OFR's
     std ranking chose which groups to train on."""
-    terms = [(t.source, float(a) * (t.num_tool_calls > 0)) for t, a in zip(trajs, advantages) if math.isfinite(a)]
+    terms = [(t.source, float(a) * (not t.direct)) for t, a in zip(trajs, advantages) if math.isfinite(a)]
     out = {f"tool/push_{name}": float(np.mean([v for _, v in terms])) if terms else math.nan}
     for source in sorted({source for source, _ in terms}):
         out[f"tool/push_{name}/{source}"] = float(np.mean([v for s, v in terms if s == source]))
@@ -743,9 +745,11 @@ def rollout_metrics(trajs: Sequence[TrajSummary], local: Sequence[Trajectory], p
            "tool/calls_mean": float(calls.mean()), "tool/calls_max": float(calls.max()),
            "tool/zero_ratio": float((calls == 0).mean())}
     out |= {f"end/{r}": ends.count(r) / len(ends) for r in sorted(set(ends))}
+    out["tool/direct_frac"] = float(np.mean([t.direct for t in trajs]))
     for source in sorted({t.source for t in trajs}):
         mine = [t for t in trajs if t.source == source]
         out[f"tool/calls_mean/{source}"] = float(np.mean([t.num_tool_calls for t in mine]))
+        out[f"tool/direct_frac/{source}"] = float(np.mean([t.direct for t in mine]))
         out[f"acc/mean/{source}"] = float(np.mean([t.correct for t in mine]))
     if local:
         parts = [t.reward_parts for t in local if t.reward_parts is not None]
@@ -878,7 +882,7 @@ class GroupSampler:
         rollout.score_trajectories(trajs, run.processor, cfg.tool_coef, judge=run.judge)
         local = [TrajSummary(t.group_id, t.reward, t.correct, t.end_reason, t.num_tool_calls, t.num_returned_images,
                              t.vision_consistent, t.sample_index, d.rank, len(self.local) + k, t.reward_parts.tool_bonus,
-                             t.task.family or t.task.data_source)
+                             t.answered_directly, t.task.family or t.task.data_source)
                  for k, t in enumerate(trajs)]
         self.local.extend(trajs)
         # OFR keeps arrival order among equal stds: sort so that N ranks and one rank see the same batch

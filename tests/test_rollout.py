@@ -187,10 +187,11 @@ def test_every_end_reason(tiny_policy, image_tasks_dir, pool):
         traj = run([task], ReplayEngine(p, turns), p, pool, **cfg)[0]
         assert traj.end_reason == reason, (reason, traj.end_reason, [t.action for t in traj.turns])
         assert traj.vision_consistent
+        assert traj.answered_directly == (reason == EndReason.DONE)
     # code that raises ends the trajectory (paper) ...
     traj = run([task], ReplayEngine(p, [CODE.format("1 / 0")]), p, pool)[0]
     assert traj.end_reason == EndReason.ERROR_IN_ACTION and traj.turns[-1].exec_status == "error"
-    assert traj.num_tool_calls == 0
+    assert traj.num_tool_calls == 0 and not traj.answered_directly   # no call ran, but one was tried
     # ... or comes back as an observation in feedback mode, and the model can recover
     traj = run([task], ReplayEngine(p, [CODE.format("1 / 0"), ANSWER.format("A")]), p, pool, on_error="feedback")[0]
     assert traj.end_reason == EndReason.DONE and "ZeroDivisionError" in traj.turns[0].observation

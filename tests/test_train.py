@@ -107,24 +107,26 @@ def test_ppo_loss_clipping_and_dual_clip():
     assert torch.allclose(neg, torch.tensor([[1.5, 0.8, 3.0]]))         # floor 0.8; dual clip caps at c = 3
 
 
-def summary(group, reward, calls, bonus, source="synthetic_image"):
-    return train.TrajSummary(group, reward, reward >= 1, "DONE", calls, calls, True, 0, 0, 0, bonus, source)
+def summary(group, reward, calls, bonus, source="synthetic_image", direct=None):
+    direct = calls == 0 if direct is None else direct
+    return train.TrajSummary(group, reward, reward >= 1, "DONE", calls, calls, True, 0, 0, 0, bonus, direct, source)
 
 
 def test_tool_reward_gaps_hand_computed():
     batch = [summary(0, 1.2, 2, 0.2), summary(0, 0.0, 1, 0.0), summary(0, 1.0, 0, 0.0), summary(0, 0.0, 0, 0.0),
              summary(1, 1.1, 1, 0.1), summary(1, 0.0, 1, 0.0),                       # tool only: no comparison
              summary(2, 1.0, 0, 0.0), summary(2, float("nan"), 1, 0.0),              # a masked reward: left out
-             summary(3, 0.0, 3, 0.0), summary(3, 1.0, 0, 0.0)]                       # answering without paid
+             summary(3, 0.0, 3, 0.0), summary(3, 1.0, 0, 0.0),                       # answering without paid
+             summary(4, 0.0, 0, 0.0, direct=False), summary(4, 1.0, 0, 0.0)]         # a failed call is an attempt
     gaps = train.tool_reward_gaps(batch)
-    # group 0: tool (1.2 + 0) / 2 - direct (1 + 0) / 2 = 0.1, of which the bonus 0.2 / 2 = 0.1; group 3: -1, bonus 0
-    assert len(gaps) == 2 and gaps[0] == pytest.approx((0.1, 0.1)) and gaps[1] == pytest.approx((-1.0, 0.0))
+    # group 0: tool (1.2 + 0) / 2 - direct (1 + 0) / 2 = 0.1, of which the bonus 0.2 / 2 = 0.1; groups 3, 4: -1, bonus 0
+    assert gaps == [pytest.approx((0.1, 0.1)), pytest.approx((-1.0, 0.0)), pytest.approx((-1.0, 0.0))]
 
 
 def test_tool_push_drawn_and_kept_hand_computed():
     batch = [summary(0, 1.1, 1, 0.1, "ring"), summary(0, 0.0, 1, 0.0, "ring"), summary(0, 1.0, 0, 0.0, "ring"),
              summary(0, 0.0, 0, 0.0, "ring"), summary(1, 1.0, 0, 0.0, "big"), summary(1, float("nan"), 2, 0.0, "big"),
-             summary(2, 1.0, 0, 0.0, "big"), summary(2, 0.0, 1, 0.0, "big")]
+             summary(2, 1.0, 0, 0.0, "big"), summary(2, 0.0, 0, 0.0, "big", direct=False)]
     advantages = train.drawn_advantages(batch)
     assert advantages[:4] == pytest.approx([0.575, -0.525, 0.475, -0.525]) and all(map(math.isnan, advantages[4:6]))
     push = train.tool_push("drawn", batch, advantages)
@@ -140,6 +142,7 @@ def test_rollout_metrics_per_source():
     assert stats["tool/calls_mean"] == pytest.approx(4 / 3)
     assert stats["tool/calls_mean/ring"] == 2.0 and stats["acc/mean/ring"] == 0.5
     assert stats["tool/calls_mean/big"] == 0.0 and stats["acc/mean/big"] == 1.0
+    assert stats["tool/direct_frac"] == pytest.approx(1 / 3) and stats["tool/direct_frac/ring"] == 0.0
     assert train.rollout_metrics(batch[2:], [], processor=None)["tool/calls_mean/big"] == 0.0
 
 
