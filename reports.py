@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import statistics
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -172,10 +173,13 @@ def plot_training_curves(runs: dict[str, Sequence[str | Path]], path: Path, keys
             series = [{m["step"]: m.get(key) for m in read_metrics(d)} for d in run_dirs]
             steps = sorted(set.intersection(*(set(s) for s in series)))
             raw = np.array([[s[t] if s[t] is not None else np.nan for s in series] for t in steps], float)  # (steps, seeds)
-            values = np.array([raw[max(0, i - smooth + 1):i + 1].mean(0) for i in range(len(steps))])  # (steps, seeds)
-            line, = ax.plot(steps, values.mean(1), label=label)
-            if len(run_dirs) > 1:
-                ax.fill_between(steps, values.min(1), values.max(1), alpha=0.2, color=line.get_color())
+            # a step may lack a value (a task source not drawn that step): means over what is there
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)   # an all-missing window stays nan
+                values = np.array([np.nanmean(raw[max(0, i - smooth + 1):i + 1], 0) for i in range(len(steps))])
+                line, = ax.plot(steps, np.nanmean(values, 1), label=label)                      # values: (steps, seeds)
+                if len(run_dirs) > 1:
+                    ax.fill_between(steps, np.nanmin(values, 1), np.nanmax(values, 1), alpha=0.2, color=line.get_color())
         ax.set(title=f"{key} ({smooth}-step mean)" if smooth > 1 else key, xlabel="RL step")
     fig.axes[0].legend(fontsize=7)
     fig.tight_layout()

@@ -744,7 +744,7 @@ def rollout_metrics(trajs: Sequence[TrajSummary], local: Sequence[Trajectory], p
     out = {"reward/mean": float(np.nanmean(rewards)), "acc/mean": float(np.mean([t.correct for t in trajs])),
            "tool/calls_mean": float(calls.mean()), "tool/calls_max": float(calls.max()),
            "tool/zero_ratio": float((calls == 0).mean())}
-    out |= {f"end/{r}": ends.count(r) / len(ends) for r in sorted(set(ends))}
+    out |= {f"end/{r}": ends.count(r) / len(ends) for r in sorted(ofr.END_REASONS)}   # every step: a time series
     out["tool/direct_frac"] = float(np.mean([t.direct for t in trajs]))
     for source in sorted({t.source for t in trajs}):
         mine = [t for t in trajs if t.source == source]
