@@ -90,9 +90,10 @@ ARMS     := full tool_coef_0 no_std_sort std_norm turns_4 video_on_demand video_
 # the cold start's tasks: half ring_colour (locate, then zoom and read the returned figure: 2 calls, or 3 when the left
 # ring is empty), the rest one single-call tool family and two tool-free ones (data.py)
 ABL_FAMILIES := ring_colour,pixel_color,ring_colour,big_shape_color,ring_colour,count_big_squares
-# RL's tasks (and the held-out ones): like the paper's RL data, mostly questions the policy can answer without the tool,
-# where its direct answers are about as good as its tool use (big_shape_color: 0.88 vs 0.80 for the cold start), and a
-# quarter that need several calls: the pressure under which tool use collapses without the tool reward
+# RL's tasks (and the held-out ones): like the paper's RL data, mostly questions the policy can answer without the tool
+# (big_shape_color: the cold start is right 0.99 of the time answering at once, 0.65 trying the tool, whose calls can
+# fail) and a quarter that need several calls (ring_colour: 0.26 against 0.27): the pressure under which tool use
+# collapses (docs/results.md, "Interaction collapse on a mixture mostly answerable without the tool")
 ABL_RL_FAMILIES := big_shape_color,big_shape_color,big_shape_color,ring_colour
 # their cold start writes up to 4 calls (so it has the 3-call trajectories) and answers a share of the tool-requiring
 # tasks directly: a policy that can answer without the tool at a moderate accuracy, the pressure the tool reward is for
