@@ -77,16 +77,23 @@ clean:
 	rm -rf runs
 
 # ---- the paper's ablations in miniature: each from one cold start, over seeds ---------------------------------------
-#   make ablations                                     every arm, seeds 1 2 3
-#   make ablations ARMS='full tool_coef_0' SEEDS='1 2'  a subset
+#   make ablations                                     the image arms of ARMS, seeds 1 2 3 (about 2 h 45 min)
+#   make ablations ARMS='full tool_coef_0' SEEDS='1 2'  a subset, or any arm below (the video pair, require_image...)
+#   make ablations ARMS='full tool_coef_0' STEPS=80     longer runs (the image arms; under runs/ablations/steps80)
 # (10-25 min per run on one core, two runs at a time; runs resume, finished ones are skipped). Each run's final
 # checkpoint is evaluated greedily on held-out tasks; `eval.py ablation-report` writes runs/ablations/summary.json
 # (per arm and seed: last-5-step means of tool calls, accuracy and turns, and the held-out accuracy), summary.md and
 # curves.png.
 ABL      := runs/ablations
 SEEDS    := 1 2 3
+# RL steps of the image arms (the demo preset's 40 by default); other lengths get their own directory of runs, which
+# share the cold start, data and evaluation of the cold start under $(ABL)
+STEPS    := 40
+RUNS     := $(ABL)$(if $(filter 40,$(STEPS)),,/steps$(STEPS))
 # the demo preset allows 3 rounds, i.e. a turn budget of 2 tool calls: `full` is also the budget-2 run of the pair
-ARMS     := full tool_coef_0 no_std_sort std_norm turns_4 video_on_demand video_full_context
+ARMS     := full tool_coef_0 no_std_sort std_norm turns_4
+# more arms, run by name: video_on_demand video_full_context (the video pair), require_image and
+# require_image_tool_coef_0 (the official run's has-image filter, ofr.py, with and without the tool bonus)
 # the cold start's tasks: half ring_colour (locate, then zoom and read the returned figure: 2 calls, or 3 when the left
 # ring is empty), the rest one single-call tool family and two tool-free ones (data.py)
 ABL_FAMILIES := ring_colour,pixel_color,ring_colour,big_shape_color,ring_colour,count_big_squares
@@ -101,7 +108,7 @@ ABL_GUESS:= 0.3
 ABL_MODEL:= $(ABL)/model
 SEE_STEPS:= 400
 ABL_SFT  := $(ABL)/sft/model
-IMAGE_RUN:= --model $(ABL_SFT) --data $(ABL)/data/rl/tasks.json
+IMAGE_RUN:= --model $(ABL_SFT) --data $(ABL)/data/rl/tasks.json --max-steps $(STEPS)
 # the video pair: the cold start continued on video expert trajectories, then RL on video tasks with the video only in
 # the sandbox (on demand, the paper's method) or its frames in the prompt (full context, the baseline)
 # (video code is longer than image code, and fetched frames come back as images: larger budgets; 12 steps)
@@ -149,6 +156,8 @@ flags_tool_coef_0        := $(IMAGE_RUN) --tool-coef 0
 flags_no_std_sort        := $(IMAGE_RUN) --no-std-sort
 flags_std_norm           := $(IMAGE_RUN) --std-norm
 flags_turns_4            := $(IMAGE_RUN) --max-turns 5
+flags_require_image      := $(IMAGE_RUN) --require-image
+flags_require_image_tool_coef_0 := $(IMAGE_RUN) --require-image --tool-coef 0
 flags_video_on_demand    := $(VIDEO_RUN) --video-context on_demand --model $(ABL)/video_sft_on_demand/model
 flags_video_full_context := $(VIDEO_RUN) --video-context full_context --model $(ABL)/video_sft_full_context/model
 IMAGE_HELDOUT := --data $(ABL)/data/heldout/tasks.json $(SHORT) $(ROLL)
@@ -158,27 +167,29 @@ heldout_tool_coef_0        := $(IMAGE_HELDOUT)
 heldout_no_std_sort        := $(IMAGE_HELDOUT)
 heldout_std_norm           := $(IMAGE_HELDOUT)
 heldout_turns_4            := $(IMAGE_HELDOUT) --max-turns 5
+heldout_require_image      := $(IMAGE_HELDOUT)
+heldout_require_image_tool_coef_0 := $(IMAGE_HELDOUT)
 heldout_video_on_demand    := $(VIDEO_HELDOUT) --video-context on_demand
 heldout_video_full_context := $(VIDEO_HELDOUT) --video-context full_context
 arm = $(firstword $(subst -s, ,$(1)))
 # seed by seed, so a stopped run of several arms leaves them with equal seeds
-ABL_RUNS := $(foreach s,$(SEEDS),$(foreach a,$(ARMS),$(ABL)/$(a)-s$(s)/eval/results.json))
+ABL_RUNS := $(foreach s,$(SEEDS),$(foreach a,$(ARMS),$(RUNS)/$(a)-s$(s)/eval/results.json))
 
 # one run: runs/ablations/ARM-sSEED (ARM picks the flags above); the video arms also need their cold start
-$(ABL)/%/final/config.json: $(ABL_SFT)/config.json $(ABL)/data/rl/tasks.json
-	$(PY) train.py --preset demo --seed $(lastword $(subst -s, ,$*)) --output-dir $(ABL)/$* --resume \
+$(RUNS)/%/final/config.json: $(ABL_SFT)/config.json $(ABL)/data/rl/tasks.json
+	$(PY) train.py --preset demo --seed $(lastword $(subst -s, ,$*)) --output-dir $(RUNS)/$* --resume \
 		$(flags_$(call arm,$*)) --html-every 0
-$(foreach s,$(SEEDS),$(ABL)/video_on_demand-s$(s)/final/config.json): $(ABL)/video_sft_on_demand/model/config.json
-$(foreach s,$(SEEDS),$(ABL)/video_full_context-s$(s)/final/config.json): $(ABL)/video_sft_full_context/model/config.json
+$(foreach s,$(SEEDS),$(RUNS)/video_on_demand-s$(s)/final/config.json): $(ABL)/video_sft_on_demand/model/config.json
+$(foreach s,$(SEEDS),$(RUNS)/video_full_context-s$(s)/final/config.json): $(ABL)/video_sft_full_context/model/config.json
 
 # a finished run's checkpoint is an intermediate of the pattern chain: without this make would delete its config.json
-.PRECIOUS: $(ABL)/%/final/config.json
+.PRECIOUS: $(RUNS)/%/final/config.json
 
 # its final checkpoint on held-out tasks, greedy, under the budgets it trained with
-$(ABL)/%/eval/results.json: $(ABL)/%/final/config.json $(ABL)/data/heldout/tasks.json $(DEMO)/data/video_heldout/tasks.json
-	$(PY) eval.py --engine hf --model $(ABL)/$*/final --output-dir $(ABL)/$*/eval --temperature 0 $(heldout_$(call arm,$*))
+$(RUNS)/%/eval/results.json: $(RUNS)/%/final/config.json $(ABL)/data/heldout/tasks.json $(DEMO)/data/video_heldout/tasks.json
+	$(PY) eval.py --engine hf --model $(RUNS)/$*/final --output-dir $(RUNS)/$*/eval --temperature 0 $(heldout_$(call arm,$*))
 
 # two runs at a time with one thread each: on 2 cores that is faster than one run with two threads
 ablations: $(ABL_SFT)/config.json
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 $(ABL)/eval_sft/results.json $(ABL_RUNS)
-	$(PY) eval.py ablation-report $(ABL)
+	$(PY) eval.py ablation-report $(RUNS)

@@ -223,8 +223,8 @@ def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
     last `last` steps' means of ABLATION_KEYS, the first `early` steps' means of accuracy and of the share of correct
     samples with a negative advantage, the whole run's means of RUN_MEAN_KEYS, the step-to-step std of accuracy and,
     where ARM-sSEED/eval/results.json exists, the final checkpoint's held-out accuracy and tool calls, overall and per
-    synthetic family) and summary.md (each as mean ± half the spread over seeds, then each arm minus `full` seed by
-    seed)."""
+    synthetic family) and summary.md (each as mean ± half the spread over seeds, then each arm minus its baseline
+    seed by seed: `full`, or the arm whose name it extends)."""
     root = Path(root)
     runs: dict[str, list[Path]] = defaultdict(list)
     for run_dir in sorted(p for p in root.iterdir() if (p / "metrics.jsonl").is_file()):
@@ -265,28 +265,37 @@ def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
     paired_keys = [*PAIRED_KEYS, *per_source]
     paired = paired_differences(summary, paired_keys)
     if paired:
-        rows = [[arm, ", ".join(sorted(seeds)), *(spread(diffs[key]) + f" ({_signs(diffs[key])})" if diffs[key] else "–"
-                                                  for key in paired_keys)]
-                for arm, (seeds, diffs) in paired.items()]
-        parts += ["", f"Minus `full`, seed by seed (last {last} steps; held-out; in brackets, seeds above / below 0):",
-                  "", _table(["arm", "seeds", *paired_keys], rows)]
+        rows = [[arm, base, ", ".join(sorted(seeds)),
+                 *(spread(diffs[key]) + f" ({_signs(diffs[key])})" if diffs[key] else "–" for key in paired_keys)]
+                for arm, (base, seeds, diffs) in paired.items()]
+        parts += ["", f"Minus its baseline, seed by seed (last {last} steps; held-out; in brackets, seeds above / below "
+                  "0):", "", _table(["arm", "minus", "seeds", *paired_keys], rows)]
     table = "\n".join(parts)
     (root / "summary.md").write_text(table + "\n")
     return table
 
 
+def baseline_arm(arm: str, arms: Iterable[str]) -> str | None:
+    """The arm `arm` changes one thing of: the longest other arm whose name it extends (`require_image_tool_coef_0`
+    -> `require_image`), else `full`; None for `full` itself."""
+    extended = [base for base in arms if arm.startswith(base + "_")]
+    return max(extended, key=len) if extended else (None if arm == "full" else "full")
+
+
 def paired_differences(summary: dict, keys: Sequence[str] = PAIRED_KEYS
-                       ) -> dict[str, tuple[list[str], dict[str, list[float]]]]:
-    """Each arm's `keys` minus the `full` run's of the same seed, over the seeds both have. Same seed, same task order
-    and first rollouts: the pairing takes the task draw out of the comparison (common random numbers)."""
-    full = summary.get("full", {})
+                       ) -> dict[str, tuple[str, list[str], dict[str, list[float]]]]:
+    """Each arm's `keys` minus its baseline run's (`baseline_arm`) of the same seed, over the seeds both have. Same
+    seed, same task order and first rollouts: the pairing takes the task draw out of the comparison (common random
+    numbers)."""
     paired = {}
     for arm, seeds in summary.items():
-        shared = [seed for seed in seeds if seed in full]
-        if arm != "full" and shared:
-            paired[arm] = (shared, {key: [seeds[s][key] - full[s][key] for s in shared
-                                          if seeds[s].get(key) is not None and full[s].get(key) is not None]
-                                    for key in keys})
+        base = baseline_arm(arm, summary)
+        reference = summary.get(base, {})
+        shared = [seed for seed in seeds if seed in reference]
+        if shared:
+            paired[arm] = (base, shared, {key: [seeds[s][key] - reference[s][key] for s in shared
+                                                if seeds[s].get(key) is not None and reference[s].get(key) is not None]
+                                          for key in keys})
     return paired
 
 

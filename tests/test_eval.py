@@ -104,19 +104,25 @@ def test_ablation_report_has_help():
     assert proc.returncode == 0 and "usage: eval.py ablation-report" in proc.stdout
 
 
-def test_paired_differences_take_each_seed_against_its_full_twin():
+def test_paired_differences_take_each_seed_against_its_baselines_twin():
     summary = {"full": {"1": {"tool/calls_mean": 1.0, "acc/mean": 0.5, "heldout_accuracy": 0.6},
                         "2": {"tool/calls_mean": 2.0, "acc/mean": 0.4, "heldout_accuracy": None}},
                "tool_coef_0": {"1": {"tool/calls_mean": 0.75, "acc/mean": 0.5, "heldout_accuracy": 0.7},
                                "2": {"tool/calls_mean": 1.5, "acc/mean": 0.5, "heldout_accuracy": 0.5},
-                               "3": {"tool/calls_mean": 9.0, "acc/mean": 0.1, "heldout_accuracy": 0.1}}}
+                               "3": {"tool/calls_mean": 9.0, "acc/mean": 0.1, "heldout_accuracy": 0.1}},
+               "require_image": {"1": {"tool/calls_mean": 3.0, "acc/mean": 0.5, "heldout_accuracy": 0.6}},
+               "require_image_tool_coef_0": {"1": {"tool/calls_mean": 2.5, "acc/mean": 0.25, "heldout_accuracy": 0.6}}}
     paired = reports.paired_differences(summary)
-    assert list(paired) == ["tool_coef_0"]                     # full is the reference; seed 3 has no twin
-    seeds, diffs = paired["tool_coef_0"]
-    assert seeds == ["1", "2"]
+    assert list(paired) == ["tool_coef_0", "require_image", "require_image_tool_coef_0"]   # full is the reference
+    base, seeds, diffs = paired["tool_coef_0"]
+    assert base == "full" and seeds == ["1", "2"]               # seed 3 has no twin
     assert diffs["tool/calls_mean"] == pytest.approx([-0.25, -0.5]) and diffs["acc/mean"] == pytest.approx([0.0, 0.1])
     assert diffs["heldout_accuracy"] == pytest.approx([0.1])   # seed 2's full run was not evaluated
-    _, only_calls = reports.paired_differences(summary, ["tool/calls_mean"])["tool_coef_0"]
+    # an arm whose name extends another arm's changes one thing of that arm: it is measured against it, not full
+    base, seeds, diffs = paired["require_image_tool_coef_0"]
+    assert base == "require_image" and diffs["tool/calls_mean"] == pytest.approx([-0.5])
+    assert paired["require_image"][0] == "full"
+    _, _, only_calls = reports.paired_differences(summary, ["tool/calls_mean"])["tool_coef_0"]
     assert list(only_calls) == ["tool/calls_mean"]
 
 
