@@ -44,7 +44,9 @@ Differences from the official code (ray_trainer.py:1818-1981, filter_fn_utils.py
        single surviving member then gets A = R by the official size-1 rule).
     4. The has-image filter is off by default. The official run turns it on (metric `hasimage`); it silently removes
        every trajectory that never received a figure — direct answers and text-only tool use — from the gradient,
-       positive or negative: an undocumented pressure against interaction collapse (docs/method.md §6, §11.2).
+       positive or negative: an undocumented pressure against interaction collapse (docs/method.md §6, §11.2). In
+       the ablations in miniature it holds tool use up by itself (`make ablations ARMS='require_image
+       require_image_tool_coef_0'`; docs/results.md, "The official run's has-image filter").
     5. Zero variance is tested as max(R) == min(R) (official: np.std == 0; the same groups, stated without relying
        on how the mean's rounding cancels).
     6. Hitting the draw cap is a warning, and training goes on with what survived (official: `max_num_gen_batches`
