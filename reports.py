@@ -290,6 +290,8 @@ def paired_differences(summary: dict, keys: Sequence[str] = PAIRED_KEYS
     paired = {}
     for arm, seeds in summary.items():
         base = baseline_arm(arm, summary)
+        if base is None:   # `full` is the reference itself
+            continue
         reference = summary.get(base, {})
         shared = [seed for seed in seeds if seed in reference]
         if shared:
