@@ -11,7 +11,8 @@ What this file is
         full-context...): summary metrics, then accuracy per data source.
       * `demo_summary(...)`: the CPU demo's summary.json, summary.md and curves.png (`make demo`).
       * `ablation_report(root)`: runs named LABEL-sSEED under ROOT -> curves.png and a table of each run's last steps,
-        mean ± spread over seeds (`make ablations`).
+        mean ± spread over seeds, then each arm minus its baseline seed by seed with a sign-flip p-value
+        (`sign_flip_p`) (`make ablations`).
       * `plot_training_curves(runs, path)`: keys of train.py's metrics.jsonl, one line per run label, min-max over
         seeds shaded.
 
@@ -269,7 +270,7 @@ def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
                  *(spread(diffs[key]) + f" ({_signs(diffs[key])})" if diffs[key] else "–" for key in paired_keys)]
                 for arm, (base, seeds, diffs) in paired.items()]
         parts += ["", f"Minus its baseline, seed by seed (last {last} steps; held-out; in brackets, seeds above / below "
-                  "0):", "", _table(["arm", "minus", "seeds", *paired_keys], rows)]
+                  "0 and the two-sided sign-flip p of the mean, `sign_flip_p`):", "", _table(["arm", "minus", "seeds", *paired_keys], rows)]
     table = "\n".join(parts)
     (root / "summary.md").write_text(table + "\n")
     return table
@@ -301,8 +302,26 @@ def paired_differences(summary: dict, keys: Sequence[str] = PAIRED_KEYS
     return paired
 
 
+def sign_flip_p(differences: Sequence[float], exact_up_to: int = 16) -> float:
+    """Two-sided p-value of a paired mean difference under random sign flips: if the arm changed nothing, each seed's
+    difference would be as likely negative as positive, so the observed |mean| is ranked among the means of the
+    differences under every assignment of signs (exact up to `exact_up_to` seeds, else 2^16 random assignments). With
+    n seeds it is at least 2 / 2^n (3 seeds: 0.25, 6: 0.031): the smallest p a run of n seeds can give, which is what
+    tells a reader how many seeds a claim needs."""
+    n = len(differences)
+    if n == 0:
+        raise ValueError("sign_flip_p needs at least one paired difference")
+    magnitudes = np.abs(np.asarray(differences, dtype=float))                          # (n,)
+    if n <= exact_up_to:
+        flips = (np.arange(2 ** n)[:, None] >> np.arange(n)) & 1                        # (2^n, n) every pattern
+    else:
+        flips = np.random.default_rng(0).integers(0, 2, size=(2 ** exact_up_to, n))    # (2^16, n) a sample of them
+    flipped = np.abs((1 - 2 * flips) @ magnitudes)                                      # (patterns,) |sum| each
+    return float(np.mean(flipped >= abs(float(np.sum(differences))) - 1e-12))  # ties count against the effect
+
+
 def _signs(values: list[float]) -> str:
-    return f"{sum(v > 0 for v in values)} / {sum(v < 0 for v in values)}"
+    return f"{sum(v > 0 for v in values)} / {sum(v < 0 for v in values)}, p {sign_flip_p(values):.2g}"
 
 
 def run_summary(run_dir: Path, last: int, early: int = 10) -> dict:

@@ -126,6 +126,21 @@ def test_paired_differences_take_each_seed_against_its_baselines_twin():
     assert list(only_calls) == ["tool/calls_mean"]
 
 
+def test_sign_flip_p_counts_the_sign_patterns_as_extreme_as_the_seeds():
+    # all n differences one way: only that pattern and its mirror are as extreme -> 2 / 2^n
+    assert reports.sign_flip_p([-0.1, -0.2, -0.05]) == pytest.approx(2 / 8)
+    assert reports.sign_flip_p([-0.04, -0.22, -0.10, -0.18]) == pytest.approx(2 / 16)
+    # one seed the other way (|sum| 0.3 of 0.5): as extreme are the observed signs, each of the three 0.1s flipped
+    # instead, and the mirrors of these four -> 8 / 16
+    assert reports.sign_flip_p([0.1, -0.2, -0.1, -0.1]) == pytest.approx(8 / 16)
+    # differences that cancel are no evidence at all
+    assert reports.sign_flip_p([0.1, -0.1]) == 1.0
+    # past the exact count, a sample of the patterns: 17 seeds all one way is far below 0.001 either way
+    assert reports.sign_flip_p([-0.1] * 17) < 1e-3 and reports.sign_flip_p([0.1, -0.1] * 9) == 1.0
+    with pytest.raises(ValueError, match="at least one"):
+        reports.sign_flip_p([])
+
+
 def test_resume_runs_only_the_missing_samples(tmp_path, image_tasks, processor):
     cfg = EvalConfig(engine="scripted", batch_size=4)
     first = CountingExpert(processor)
