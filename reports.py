@@ -11,8 +11,8 @@ What this file is
         full-context...): summary metrics, then accuracy per data source.
       * `demo_summary(...)`: the CPU demo's summary.json, summary.md and curves.png (`make demo`).
       * `ablation_report(root)`: runs named LABEL-sSEED under ROOT -> curves.png and a table of each run's last steps,
-        mean ± spread over seeds, then each arm minus its baseline seed by seed with a sign-flip p-value
-        (`sign_flip_p`) (`make ablations`).
+        mean ± spread over seeds, then each arm minus its baseline seed by seed with its sign-flip p-value
+        (`sign_flip_p`; `make ablations`).
       * `plot_training_curves(runs, path)`: keys of train.py's metrics.jsonl, one line per run label, min-max over
         seeds shaded.
 
@@ -270,7 +270,8 @@ def ablation_report(root: str | Path, last: int = 5, early: int = 10) -> str:
                  *(spread(diffs[key]) + f" ({_signs(diffs[key])})" if diffs[key] else "–" for key in paired_keys)]
                 for arm, (base, seeds, diffs) in paired.items()]
         parts += ["", f"Minus its baseline, seed by seed (last {last} steps; held-out; in brackets, seeds above / below "
-                  "0 and the two-sided sign-flip p of the mean, `sign_flip_p`):", "", _table(["arm", "minus", "seeds", *paired_keys], rows)]
+                  "0 and the two-sided sign-flip p of the mean, `sign_flip_p`):", "",
+                  _table(["arm", "minus", "seeds", *paired_keys], rows)]
     table = "\n".join(parts)
     (root / "summary.md").write_text(table + "\n")
     return table
@@ -316,8 +317,9 @@ def sign_flip_p(differences: Sequence[float], exact_up_to: int = 16) -> float:
         flips = (np.arange(2 ** n)[:, None] >> np.arange(n)) & 1                        # (2^n, n) every pattern
     else:
         flips = np.random.default_rng(0).integers(0, 2, size=(2 ** exact_up_to, n))    # (2^16, n) a sample of them
+    # |sum| ranks the patterns as |mean| does (same n); ties count against the effect
     flipped = np.abs((1 - 2 * flips) @ magnitudes)                                      # (patterns,) |sum| each
-    return float(np.mean(flipped >= abs(float(np.sum(differences))) - 1e-12))  # ties count against the effect
+    return float(np.mean(flipped >= abs(float(np.sum(differences))) - 1e-12))
 
 
 def _signs(values: list[float]) -> str:
